@@ -1,0 +1,5 @@
+import sys
+
+from nnserve.cli import main
+
+sys.exit(main())

@@ -10,7 +10,7 @@ from typing import Any
 import onnx
 
 from nnserve.builder.export import export_onnx
-from nnserve.builder.repository import EXTERNAL_DATA_THRESHOLD_BYTES, write_model
+from nnserve.builder.repository import EXTERNAL_DATA_THRESHOLD_BYTES, MODEL_FILENAME, existing_versions, write_model
 from nnserve.builder.spec import NetworkSpec, SpecError, is_plain_name, load_spec, parse_spec
 from nnserve.builder.verify import VerificationReport, verify_model
 
@@ -22,6 +22,7 @@ class BuildResult:
     spec: NetworkSpec
     dtype: str
     verification: VerificationReport | None
+    skipped: bool = False
 
     @property
     def name(self) -> str:
@@ -49,16 +50,23 @@ def build(
     fp16: bool = False,
     verify: bool = True,
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD_BYTES,
+    skip_unchanged: bool = False,
 ) -> BuildResult:
     """Validate, export, check and verify a network, then write it into `repository`.
 
-    Nothing is written unless every step passes.
+    Nothing is written unless every step passes. With `skip_unchanged`, nothing is written
+    either when the latest version was built from the same network (same spec hash and dtype),
+    so re-running a build script does not pile up identical versions.
     """
     network = resolve_spec(spec)
     model_name = name or network.name
     if not is_plain_name(model_name):
         raise SpecError(network.source, "--name", f"expected letters, digits, '_', '-' or '.', found {model_name!r}")
     dtype = "float16" if fp16 else network.dtype
+    if skip_unchanged and version is None:
+        latest = _latest_if_same(Path(repository) / model_name, network, dtype)
+        if latest is not None:
+            return BuildResult(latest[0], latest[1], network, dtype, None, skipped=True)
     model = export_onnx(network, dtype=dtype)
     reports: list[VerificationReport] = []
 
@@ -68,7 +76,25 @@ def build(
             reports.append(verify_model(path, network, dtype))
 
     model_path, final_version = write_model(
-        model, Path(repository), model_name, version=version, check=check,
+        model,
+        Path(repository),
+        model_name,
+        version=version,
+        check=check,
         external_data_threshold=external_data_threshold,
     )
     return BuildResult(model_path, final_version, network, dtype, reports[0] if reports else None)
+
+
+def _latest_if_same(model_dir: Path, network: NetworkSpec, dtype: str) -> tuple[Path, int] | None:
+    versions = existing_versions(model_dir)
+    if not versions:
+        return None
+    path = model_dir / str(versions[-1]) / MODEL_FILENAME
+    try:
+        props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    except Exception:  # an unreadable latest version is simply not "the same"
+        return None
+    if props.get("nnserve.spec_sha256") == network.spec_sha256 and props.get("nnserve.dtype") == dtype:
+        return path, versions[-1]
+    return None

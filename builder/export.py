@@ -64,8 +64,13 @@ def model_facts(spec: NetworkSpec, dtype: str) -> dict[str, str]:
     """metadata_props the server reads back: size, cost and provenance of the network."""
     itemsize = np.dtype(_NUMPY_DTYPES[dtype]).itemsize
     layers = [
-        {"name": layer.name, "in": layer.in_features, "out": layer.out_features,
-         "activation": layer.activation, "parameters": layer.parameter_count}
+        {
+            "name": layer.name,
+            "in": layer.in_features,
+            "out": layer.out_features,
+            "activation": layer.activation,
+            "parameters": layer.parameter_count,
+        }
         for layer in spec.layers
     ]
     return {

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 from nnserve.builder.spec import DenseLayer, NetworkSpec, spec_digest
@@ -22,7 +24,7 @@ def random_mlp(widths: list[int], *, name: str, seed: int = 0, hidden_activation
     """He-initialised weights, so activations keep their scale through deep stacks."""
     rng = np.random.default_rng(seed)
     layers = []
-    for index, (fan_in, fan_out) in enumerate(zip(widths, widths[1:], strict=False)):
+    for index, (fan_in, fan_out) in enumerate(itertools.pairwise(widths)):
         weights = rng.standard_normal((fan_in, fan_out), dtype=np.float32)
         weights *= np.float32(np.sqrt(2.0 / fan_in))
         bias = rng.standard_normal(fan_out, dtype=np.float32) * np.float32(0.01)

@@ -70,8 +70,12 @@ def _save(model: onnx.ModelProto, path: Path, external_data_threshold: int) -> N
     weight_bytes = sum(len(t.raw_data) for t in model.graph.initializer)
     if weight_bytes >= external_data_threshold:
         onnx.save_model(
-            model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-            location=EXTERNAL_DATA_FILENAME, size_threshold=1024,
+            model,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=EXTERNAL_DATA_FILENAME,
+            size_threshold=min(1024, external_data_threshold),
         )
     else:
         path.write_bytes(model.SerializeToString())

@@ -25,8 +25,7 @@ DEFAULT_LAYOUT = ROWS_ARE_NEURONS
 MAX_NAME_LENGTH = 128
 
 _TOP_KEYS = frozenset(
-    {"format", "name", "description", "input_size", "input_name", "output_name", "dtype",
-     "weight_layout", "layers"}
+    {"format", "name", "description", "input_size", "input_name", "output_name", "dtype", "weight_layout", "layers"}
 )
 _LAYER_KEYS = frozenset({"name", "weights", "bias", "activation", "weight_layout"})
 
@@ -163,7 +162,8 @@ def parse_spec(
         layer = _parse_layer(layer_doc, index, width, layout, source, base_dir)
         if dtype == "float64" and layer.activation == "gelu":
             raise SpecError(
-                source, f"layer {index}, field 'activation'",
+                source,
+                f"layer {index}, field 'activation'",
                 "onnxruntime has no float64 kernel for exact gelu (Erf); use dtype float32 or activation gelu_tanh",
             )
         layers.append(layer)
@@ -183,9 +183,7 @@ def parse_spec(
     )
 
 
-def spec_digest(
-    layers: Sequence[DenseLayer], input_size: int, dtype: str, input_name: str, output_name: str
-) -> str:
+def spec_digest(layers: Sequence[DenseLayer], input_size: int, dtype: str, input_name: str, output_name: str) -> str:
     """A hash of what the network computes (not of its JSON formatting)."""
     digest = hashlib.sha256()
     digest.update(json.dumps([input_size, dtype, input_name, output_name]).encode())
@@ -210,7 +208,9 @@ def _parse_layer(
     if activation is None:
         raise SpecError(source, f"{where}, field 'activation'", f"missing; expected one of {list(ACTIVATIONS)}")
     if activation not in ACTIVATIONS:
-        raise SpecError(source, f"{where}, field 'activation'", f"expected one of {list(ACTIVATIONS)}, found {activation!r}")
+        raise SpecError(
+            source, f"{where}, field 'activation'", f"expected one of {list(ACTIVATIONS)}, found {activation!r}"
+        )
     layout = _get_str(doc, "weight_layout", source, default=default_layout, where=where)
     if layout is None:
         layout = DEFAULT_LAYOUT
@@ -229,9 +229,10 @@ def _parse_layer(
 
     if not layout_stated and weights.ndim == 2 and weights.shape[0] == weights.shape[1] > 1:
         raise SpecError(
-            source, f"{where}, field 'weight_layout'",
+            source,
+            f"{where}, field 'weight_layout'",
             f"the weights are square {weights.shape}, so rows could be neurons or inputs; "
-            f"state \"weight_layout\": {ROWS_ARE_NEURONS!r} (y = x @ W.T + b) or {ROWS_ARE_INPUTS!r} (y = x @ W + b)",
+            f'state "weight_layout": {ROWS_ARE_NEURONS!r} (y = x @ W.T + b) or {ROWS_ARE_INPUTS!r} (y = x @ W + b)',
         )
     weights = _normalise_weights(weights, layout, in_features, f"{where}, field 'weights'", source)
     out_features = weights.shape[1]
@@ -243,7 +244,11 @@ def _normalise_weights(w: np.ndarray, layout: str, in_features: int, where: str,
     """Return weights as (inputs, outputs); a 1-D vector is one neuron."""
     if w.ndim == 1:
         if w.shape[0] != in_features:
-            raise SpecError(source, where, f"a 1-D weight vector is one neuron and needs {in_features} values (one per input), found {w.shape[0]}")
+            raise SpecError(
+                source,
+                where,
+                f"a 1-D weight vector is one neuron and needs {in_features} values (one per input), found {w.shape[0]}",
+            )
         return w.reshape(in_features, 1)
     if w.ndim != 2:
         raise SpecError(source, where, f"expected a 2-D matrix or a 1-D vector, found {w.ndim} dimensions {w.shape}")
@@ -260,8 +265,10 @@ def _normalise_weights(w: np.ndarray, layout: str, in_features: int, where: str,
     if expected_inputs != in_features:
         hint = f"; the shape fits weight_layout {other!r}: set it if that is what you meant" if other else ""
         raise SpecError(
-            source, where,
-            f"with weight_layout {layout!r} the layer receives {in_features} inputs, so weights must have shape {shape_hint}, found {w.shape}{hint}",
+            source,
+            where,
+            f"with weight_layout {layout!r} the layer receives {in_features} inputs, "
+            f"so weights must have shape {shape_hint}, found {w.shape}{hint}",
         )
     return np.ascontiguousarray(matrix)
 
@@ -269,7 +276,12 @@ def _normalise_weights(w: np.ndarray, layout: str, in_features: int, where: str,
 def _normalise_bias(b: np.ndarray, out_features: int, where: str, source: str) -> np.ndarray:
     if b.ndim == 0:
         if out_features != 1:
-            raise SpecError(source, where, f"a scalar bias fits one neuron only; this layer has {out_features} neurons, give {out_features} values")
+            raise SpecError(
+                source,
+                where,
+                f"a scalar bias fits one neuron only; this layer has {out_features} neurons, "
+                f"give {out_features} values",
+            )
         return b.reshape(1)
     if b.ndim != 1 or b.shape[0] != out_features:
         raise SpecError(source, where, f"expected {out_features} values (one per neuron), found shape {b.shape}")
@@ -283,13 +295,17 @@ def _to_array(value: Any, where: str, source: str, base_dir: Path | None) -> np.
         array = _nested_list_to_array(value, where, source)
     if not np.all(np.isfinite(array)):
         bad = np.argwhere(~np.isfinite(array))[0]
-        raise SpecError(source, where, f"expected finite numbers, found {array[tuple(bad)]} at index {tuple(int(i) for i in bad)}")
+        raise SpecError(
+            source, where, f"expected finite numbers, found {array[tuple(bad)]} at index {tuple(int(i) for i in bad)}"
+        )
     return array
 
 
 def _load_npy(ref: Mapping[str, Any], where: str, source: str, base_dir: Path | None) -> np.ndarray:
     if set(ref) != {"npy"} or not isinstance(ref["npy"], str):
-        raise SpecError(source, where, f'expected numbers or {{"npy": "file.npy"}}, found object with keys {sorted(ref)}')
+        raise SpecError(
+            source, where, f'expected numbers or {{"npy": "file.npy"}}, found object with keys {sorted(ref)}'
+        )
     if base_dir is None:
         raise SpecError(source, where, ".npy references need a spec read from a file")
     relative = Path(ref["npy"])
@@ -317,7 +333,9 @@ def _nested_list_to_array(value: Any, where: str, source: str) -> np.ndarray:
         if not isinstance(row, list) or not all(_is_number(v) for v in row):
             raise SpecError(source, f"{where}, row {r}", f"expected a list of numbers, found {_kind(row)}")
         if rows and len(row) != len(rows[0]):
-            raise SpecError(source, f"{where}, row {r}", f"ragged rows: expected {len(rows[0])} values like row 0, found {len(row)}")
+            raise SpecError(
+                source, f"{where}, row {r}", f"ragged rows: expected {len(rows[0])} values like row 0, found {len(row)}"
+            )
         rows.append(row)
     if not rows[0]:
         raise SpecError(source, where, "expected non-empty rows")
@@ -328,9 +346,7 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _get_str(
-    doc: Mapping[str, Any], key: str, source: str, *, default: str | None, where: str = ""
-) -> Any:
+def _get_str(doc: Mapping[str, Any], key: str, source: str, *, default: str | None, where: str = "") -> Any:
     value = doc.get(key, default)
     if value is not None and not isinstance(value, str):
         place = f"{where}, field {key!r}" if where else f"field {key!r}"

@@ -36,15 +36,20 @@ def format_summary(spec: NetworkSpec) -> str:
     """The summary as a text table."""
     header = ("Layer", "Input -> Output", "Activation", "Params")
     rows = [
-        (layer.name, f"(None, {layer.in_features}) -> (None, {layer.out_features})",
-         layer.activation, f"{layer.parameter_count:,}")
+        (
+            layer.name,
+            f"(None, {layer.in_features}) -> (None, {layer.out_features})",
+            layer.activation,
+            f"{layer.parameter_count:,}",
+        )
         for layer in spec.layers
     ]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
 
     def line(cells: tuple[str, ...]) -> str:
         return "  ".join(
-            cell.rjust(width) if i == 3 else cell.ljust(width) for i, (cell, width) in enumerate(zip(cells, widths, strict=True))
+            cell.rjust(width) if i == 3 else cell.ljust(width)
+            for i, (cell, width) in enumerate(zip(cells, widths, strict=True))
         ).rstrip()
 
     rule = "-" * len(line(header))

@@ -27,7 +27,9 @@ class VerificationReport:
     tolerance: float
 
 
-def verify_model(model_path: Path, spec: NetworkSpec, dtype: str, *, samples: int = 8, seed: int = 0) -> VerificationReport:
+def verify_model(
+    model_path: Path, spec: NetworkSpec, dtype: str, *, samples: int = 8, seed: int = 0
+) -> VerificationReport:
     """Run `model_path` on random inputs and compare with numpy; raise VerificationError on mismatch."""
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((samples, spec.input_size)).astype(numpy_dtype(dtype))

@@ -17,7 +17,7 @@ CONFIG_FILENAME = "config.json"
 # protobuf cannot serialise a message past 2 GiB; larger models keep weights beside the graph.
 EXTERNAL_DATA_THRESHOLD_BYTES = 2**31 - 2**24
 
-DEFAULT_CONFIG = {"max_batch_size": 64, "dynamic_batching": {"enabled": True}}
+DEFAULT_CONFIG = {"max_batch_size": 64}  # batching and the rest follow the server's defaults and flags
 
 
 class RepositoryError(RuntimeError):

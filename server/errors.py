@@ -49,3 +49,7 @@ class ModelLoadError(ServingError):
 
 class ExecutionError(ServingError):
     """onnxruntime failed to run a batch; the requests of that batch alone fail."""
+
+
+class DeviceUnavailableError(ModelLoadError):
+    """The requested execution device (CUDA) cannot be used in this process."""

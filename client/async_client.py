@@ -1,0 +1,235 @@
+"""`AsyncInferenceClient`: the asyncio client (grpc.aio), for load generators and async services.
+
+Same constructor, methods and results as `InferenceClient`; every call is a coroutine. The channel is created on the
+first call, inside the running event loop that will use it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator, Mapping, Sequence
+from types import TracebackType
+from typing import TypeVar
+
+import grpc
+import grpc.aio
+import numpy as np
+
+from nnserve.client import _chunks, _codec
+from nnserve.client._base import ClientBase
+from nnserve.client._codec import Inputs, ParameterValue, Rpc
+from nnserve.client.errors import InvalidInputError, ModelNotFoundError, from_rpc_error
+from nnserve.client.progress import Progress, ProgressCallback
+from nnserve.client.retry import Attempts
+from nnserve.client.types import InferResult, ModelMetadata, ModelStatistics, RepositoryModel, ServerMetadata
+from nnserve.protos import grpc_service_pb2_grpc, model_config_pb2
+
+T = TypeVar("T")
+
+
+class AsyncInferenceClient(ClientBase):
+    """asyncio KServe v2 gRPC client with numpy in and out.
+
+    Example:
+        async with AsyncInferenceClient("127.0.0.1:8001") as client:
+            probabilities = await client.infer("two_layer_softmax", np.array([[1.5, -0.5]], dtype=np.float32))
+
+    Use one client per event loop. See `InferenceClient` for the semantics of each method.
+    """
+
+    _channel: grpc.aio.Channel | None = None
+    _stub: grpc_service_pb2_grpc.GRPCInferenceServiceStub | None = None
+
+    # -- connection ---------------------------------------------------------------------------------------------
+
+    def _get_stub(self) -> grpc_service_pb2_grpc.GRPCInferenceServiceStub:
+        if self._stub is None:
+            settings = self._settings
+            if self._credentials is None:
+                channel = grpc.aio.insecure_channel(
+                    settings.target(), options=settings.options(), compression=settings.compression()
+                )
+            else:
+                channel = grpc.aio.secure_channel(
+                    settings.target(), self._credentials, settings.options(), settings.compression()
+                )
+            self._channel = channel
+            self._stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        return self._stub
+
+    async def _invoke(self, rpc: Rpc[T], timeout: float | None) -> T:
+        """Call with the client's metadata, retrying per the policy within one overall deadline."""
+        method = getattr(self._get_stub(), rpc.method)
+        attempts = Attempts(self._retry, self._timeout(timeout))
+        while True:
+            try:
+                reply = await method(rpc.request, timeout=attempts.remaining_s(), metadata=self._metadata)
+            except grpc.RpcError as rpc_error:
+                error = from_rpc_error(rpc_error)
+                delay = attempts.next_delay_s(error)
+                if delay is None:
+                    raise error from None
+                await asyncio.sleep(delay)
+            else:
+                return rpc.decode(reply)
+
+    async def close(self) -> None:
+        """Close the channel; calls in flight are cancelled. The client reconnects if used again."""
+        channel, self._channel, self._stub = self._channel, None, None
+        if channel is not None:
+            await channel.close()
+
+    async def __aenter__(self) -> AsyncInferenceClient:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    # -- health and metadata ------------------------------------------------------------------------------------
+
+    async def is_server_live(self, *, timeout: float | None = None) -> bool:
+        """Whether the server process answers (the liveness probe)."""
+        return await self._invoke(_codec.server_live(), timeout)
+
+    async def is_server_ready(self, *, timeout: float | None = None) -> bool:
+        """Whether the server is ready to run inference (the readiness probe)."""
+        return await self._invoke(_codec.server_ready(), timeout)
+
+    async def is_model_ready(
+        self, model: str, version: str | int | None = None, *, timeout: float | None = None
+    ) -> bool:
+        """Whether the model (a specific version, or the server's default choice) can run inference now."""
+        return await self._invoke(_codec.model_ready(model, version), timeout)
+
+    async def server_metadata(self, *, timeout: float | None = None) -> ServerMetadata:
+        """Server name, version and protocol extensions."""
+        return await self._invoke(_codec.server_metadata(), timeout)
+
+    async def model_metadata(
+        self, model: str, version: str | int | None = None, *, timeout: float | None = None
+    ) -> ModelMetadata:
+        """Versions, platform and input/output signatures; also refreshes the cache `infer` uses to name inputs."""
+        return self._remember(model, version, await self._invoke(_codec.model_metadata(model, version), timeout))
+
+    async def model_config(
+        self, model: str, version: str | int | None = None, *, timeout: float | None = None
+    ) -> model_config_pb2.ModelConfig:
+        """The model's configuration as Triton's `ModelConfig` message (max_batch_size, batching, parameters)."""
+        return await self._invoke(_codec.model_config(model, version), timeout)
+
+    async def model_statistics(
+        self, model: str = "", version: str | int | None = None, *, timeout: float | None = None
+    ) -> list[ModelStatistics]:
+        """Cumulative server-side statistics, one entry per model version; every model when `model` is empty."""
+        return await self._invoke(_codec.model_statistics(model, version), timeout)
+
+    # -- repository ---------------------------------------------------------------------------------------------
+
+    async def repository_index(
+        self, *, ready_only: bool = False, timeout: float | None = None
+    ) -> list[RepositoryModel]:
+        """Every model (version) the repository knows, with its state and the reason when not ready."""
+        return await self._invoke(_codec.repository_index(ready_only), timeout)
+
+    async def load_model(self, model: str, *, config: str | None = None, timeout: float | None = None) -> None:
+        """Load or reload a model (server must allow repository control); `config` is a JSON config override."""
+        self._forget(model)
+        await self._invoke(_codec.load_model(model, config), timeout)
+
+    async def unload_model(self, model: str, *, timeout: float | None = None) -> None:
+        """Unload a model (server must allow repository control)."""
+        self._forget(model)
+        await self._invoke(_codec.unload_model(model), timeout)
+
+    # -- inference ----------------------------------------------------------------------------------------------
+
+    async def infer(
+        self,
+        model: str,
+        inputs: Inputs,
+        *,
+        version: str | int | None = None,
+        outputs: Sequence[str] | None = None,
+        timeout: float | None = None,
+        parameters: Mapping[str, ParameterValue] | None = None,
+        request_id: str | None = None,
+    ) -> np.ndarray | dict[str, np.ndarray]:
+        """Run one request; see `InferenceClient.infer`."""
+        result = await self.infer_result(
+            model,
+            inputs,
+            version=version,
+            outputs=outputs,
+            timeout=timeout,
+            parameters=parameters,
+            request_id=request_id,
+        )
+        return result.value
+
+    async def infer_result(
+        self,
+        model: str,
+        inputs: Inputs,
+        *,
+        version: str | int | None = None,
+        outputs: Sequence[str] | None = None,
+        timeout: float | None = None,
+        parameters: Mapping[str, ParameterValue] | None = None,
+        request_id: str | None = None,
+    ) -> InferResult:
+        """Like `infer`, returning the whole response (`as_numpy(name)`, echoed id, model version, parameters)."""
+        metadata = None
+        if not isinstance(inputs, Mapping):
+            metadata = self._cached(model, version) or await self.model_metadata(model, version, timeout=timeout)
+        rpc = _codec.infer(
+            model,
+            _codec.name_inputs(inputs, metadata),
+            version=version,
+            outputs=outputs,
+            parameters=parameters,
+            request_id=request_id,
+        )
+        try:
+            return await self._invoke(rpc, timeout)
+        except (InvalidInputError, ModelNotFoundError):
+            self._forget(model)
+            raise
+
+    async def infer_many(
+        self,
+        model: str,
+        inputs: Inputs,
+        *,
+        batch_size: int = 64,
+        concurrency: int = 4,
+        progress: bool | ProgressCallback = False,
+        version: str | int | None = None,
+        outputs: Sequence[str] | None = None,
+        timeout: float | None = None,
+    ) -> np.ndarray | dict[str, np.ndarray]:
+        """Infer a large array in `batch_size`-row requests, `concurrency` in flight (tasks), results in order;
+        see `InferenceClient.infer_many`."""
+        metadata = None if isinstance(inputs, Mapping) else await self.model_metadata(model, version, timeout=timeout)
+        chunks = _chunks.split(_codec.name_inputs(inputs, metadata), batch_size)
+        results: list[np.ndarray | dict[str, np.ndarray] | None] = [None] * len(chunks)
+        tracker = Progress(f"infer {model}", sum(_chunks.row_count(chunk) for chunk in chunks), progress)
+        pending: Iterator[int] = iter(range(len(chunks)))
+
+        async def worker() -> None:
+            for index in pending:  # the shared iterator hands each chunk to exactly one worker
+                results[index] = await self.infer(
+                    model, chunks[index], version=version, outputs=outputs, timeout=timeout
+                )
+                tracker.advance(_chunks.row_count(chunks[index]))
+
+        workers = [asyncio.ensure_future(worker()) for _ in range(max(1, min(concurrency, len(chunks))))]
+        try:
+            await asyncio.gather(*workers)
+        finally:
+            for task in workers:
+                task.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+            tracker.close()
+        return _chunks.assemble(results)  # type: ignore[arg-type]

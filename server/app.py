@@ -1,0 +1,185 @@
+"""Assembling and running the server: `create_server` builds and binds, `serve` runs until SIGTERM/SIGINT.
+
+Start-up opens the gRPC port first (liveness and startup probes answer while models load),
+then loads the repository, then turns health SERVING. Shutdown: health NOT_SERVING, new
+inference requests refused with UNAVAILABLE, accepted ones finished, all within the grace period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+
+import grpc
+from grpc_reflection.v1alpha import reflection
+
+from nnserve import __version__
+from nnserve.protos import grpc_service_pb2 as pb
+from nnserve.protos import grpc_service_pb2_grpc as pb_grpc
+from nnserve.server.errors import DeviceUnavailableError
+from nnserve.server.health import SERVICE_NAME as HEALTH_SERVICE
+from nnserve.server.health import HealthReporter
+from nnserve.server.metrics import MetricsServer
+from nnserve.server.providers import cuda_unavailable_reason
+from nnserve.server.repository import ModelEntry, ModelRepository, ModelState
+from nnserve.server.service import InferenceServicer
+from nnserve.server.settings import ServerSettings
+
+log = logging.getLogger(__name__)
+
+INFERENCE_SERVICE: str = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+
+
+class StartupError(RuntimeError):
+    """The server cannot start (repository missing, port taken, device unusable); the message says which."""
+
+
+class InferenceServer:
+    """A bound but not yet started server: gRPC services, repository, health and metrics."""
+
+    def __init__(
+        self,
+        settings: ServerSettings,
+        grpc_server: grpc.aio.Server,
+        port: int,
+        repository: ModelRepository,
+        servicer: InferenceServicer,
+        health: HealthReporter,
+    ) -> None:
+        self.settings = settings
+        self.port = port
+        self.repository = repository
+        self.servicer = servicer
+        self.health = health
+        self.metrics: MetricsServer | None = None
+        self._grpc = grpc_server
+        self._stopping: asyncio.Task[None] | None = None
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self.metrics.port if self.metrics is not None else None
+
+    async def start(self) -> None:
+        """Listen, load every model, then report ready."""
+        await self._grpc.start()
+        address = f"{self.settings.host}:{self.port}"
+        log.info("nnserve %s listening on %s (gRPC: KServe v2 inference, health, reflection)", __version__, address)
+        if self.settings.metrics_port is not None:
+            self.metrics = MetricsServer(self.repository, lambda: self.servicer.inflight)
+            try:
+                port = self.metrics.start(self.settings.host, self.settings.metrics_port)
+            except OSError as exc:
+                self.metrics = None
+                raise StartupError(
+                    f"cannot serve metrics on {self.settings.host}:{self.settings.metrics_port}: {exc}"
+                ) from None
+            log.info("metrics on http://%s:%d/metrics", self.settings.host, port)
+        started = time.monotonic()
+        await self.repository.load_all()
+        entries = self.repository.entries()
+        ready = [e for e in entries if e.state is ModelState.READY]
+        log.info("loaded %d of %d models in %.1f s", len(ready), len(entries), time.monotonic() - started)
+        for entry in entries:
+            if entry.state is not ModelState.READY:
+                log.warning("model '%s' is UNAVAILABLE: %s", entry.name, entry.why_not_ready())
+        await self._update_server_health()
+        if self.servicer.is_ready():
+            log.info("ready: serving on %s", address)
+        else:
+            log.warning("not ready (strict readiness: every model must be ready); serving the ready models anyway")
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain and stop; idempotent, and concurrent calls wait for the same shutdown."""
+        if self._stopping is None:
+            self._stopping = asyncio.ensure_future(self._shutdown(self.settings.grace_period_s if grace is None
+                                                                  else grace))
+        await asyncio.shield(self._stopping)
+
+    async def wait_for_termination(self) -> None:
+        await self._grpc.wait_for_termination()
+
+    async def _shutdown(self, grace: float) -> None:
+        deadline = time.monotonic() + grace
+        await self.health.shutdown()
+        self.servicer.begin_drain()
+        inflight = self.servicer.inflight
+        log.info("shutting down: draining %d accepted requests (grace period %.1f s)", inflight, grace)
+        if not await self.servicer.wait_idle(grace):
+            log.warning("%d requests were still running when the grace period ended", self.servicer.inflight)
+        await self._grpc.stop(max(0.0, min(1.0, deadline - time.monotonic())))
+        await self.repository.close(timeout=max(0.0, deadline - time.monotonic()))
+        if self.metrics is not None:
+            self.metrics.stop()
+        log.info("stopped")
+
+    async def _update_server_health(self, _entry: ModelEntry | None = None) -> None:
+        if self._stopping is None:
+            await self.health.set_server(self.servicer.is_ready())
+
+
+async def create_server(settings: ServerSettings) -> tuple[InferenceServer, int]:
+    """Build every part and bind the gRPC port (0 picks a free one); nothing is served until `start()`."""
+    root = settings.model_repository
+    if not root.is_dir():
+        raise StartupError(f"model repository {root} does not exist or is not a directory")
+    if settings.device == "cuda":
+        reason = cuda_unavailable_reason(settings.device_id)
+        if reason is not None:
+            raise DeviceUnavailableError(f"--device cuda was requested but CUDA cannot be used: {reason}")
+    repository = ModelRepository(settings)
+    servicer = InferenceServicer(repository, settings)
+    health = HealthReporter()
+    grpc_server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+            # Fail loudly if another process holds the port instead of silently sharing it.
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, grpc_server)
+    health.add_to_server(grpc_server)
+    reflection.enable_server_reflection((INFERENCE_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), grpc_server)
+    try:
+        port = grpc_server.add_insecure_port(settings.grpc_address)
+    except RuntimeError as exc:
+        raise StartupError(f"cannot listen on {settings.grpc_address}: {exc} (is the port in use?)") from None
+    app = InferenceServer(settings, grpc_server, port, repository, servicer, health)
+    await health.set_server(False)
+    repository.add_listener(health.on_model_change)
+    repository.add_listener(app._update_server_health)
+    return app, port
+
+
+async def serve(settings: ServerSettings) -> int:
+    """Run until SIGTERM or SIGINT, then shut down gracefully; the process exit status."""
+    app, _port = await create_server(settings)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, _on_signal, sig, stop)
+    starting = asyncio.ensure_future(app.start())
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if starting.done() and starting.exception() is not None:
+        stopping.cancel()
+        await app.stop(grace=0)
+        raise starting.exception()  # type: ignore[misc]
+    await stopping
+    if not starting.done():
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await starting
+    await app.stop()
+    return 0
+
+
+def _on_signal(sig: signal.Signals, stop: asyncio.Event) -> None:
+    if stop.is_set():
+        log.warning("received %s again; still draining (the grace period bounds the wait)", sig.name)
+        return
+    log.info("received %s", sig.name)
+    stop.set()

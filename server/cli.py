@@ -1,0 +1,150 @@
+"""`nnserve serve`: flags, their NNSERVE_* environment variables, and running the server.
+
+Precedence: a flag on the command line, else its environment variable, else the default
+of `ServerSettings`. Every flag's help names its variable and default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import os
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nnserve.server.errors import ServingError
+from nnserve.server.settings import DEVICES, MODEL_CONTROLS, OPTIMIZATION_LEVELS, ServerSettings
+
+log = logging.getLogger(__name__)
+
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ServerSettings)}
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(f"expected one of {', '.join(_TRUE + _FALSE)}, got {text!r}")
+
+
+def _optional_port(text: str) -> int | None:
+    if text.strip().lower() in ("off", "none", "disabled", "-1"):
+        return None
+    return int(text)
+
+
+@dataclass(frozen=True)
+class _Option:
+    field: str
+    flag: str
+    parse: Callable[[str], Any]
+    help: str
+    metavar: str | None = None
+    choices: tuple[str, ...] | None = None
+
+    @property
+    def env(self) -> str:
+        return "NNSERVE_" + self.field.upper().removesuffix("_S")
+
+
+OPTIONS: tuple[_Option, ...] = (
+    _Option("model_repository", "--model-repository", Path, "model repository: <dir>/<model>/<version>/model.onnx",
+            "DIR"),
+    _Option("host", "--host", str, "interface to listen on", "HOST"),
+    _Option("grpc_port", "--grpc-port", int, "gRPC port (inference, health, reflection); 0 picks a free one", "PORT"),
+    _Option("metrics_port", "--metrics-port", _optional_port, "Prometheus /metrics port; 'off' disables it", "PORT"),
+    _Option("device", "--device", str, "execution device: auto (CUDA if it really works, else CPU), cuda, cpu",
+            choices=DEVICES),
+    _Option("device_id", "--device-id", int, "CUDA device ordinal", "N"),
+    _Option("model_control", "--model-control", str,
+            "'explicit' enables the RepositoryModelLoad/Unload RPCs", choices=MODEL_CONTROLS),
+    _Option("strict_readiness", "--strict-readiness", _bool,
+            "ready only when every model is ready (true/false)", "BOOL"),
+    _Option("grace_period_s", "--grace-period", float,
+            "seconds to finish accepted requests after SIGTERM/SIGINT", "SECONDS"),
+    _Option("max_message_bytes", "--max-message-bytes", int,
+            "largest gRPC message received or sent (larger: RESOURCE_EXHAUSTED)", "BYTES"),
+    _Option("intra_op_threads", "--intra-op-threads", int,
+            "default onnxruntime intra-op threads per session (0: onnxruntime's choice)", "N"),
+    _Option("inter_op_threads", "--inter-op-threads", int,
+            "default onnxruntime inter-op threads per session (0: onnxruntime's choice)", "N"),
+    _Option("graph_optimization_level", "--graph-optimization-level", str,
+            "default onnxruntime graph optimization level", choices=OPTIMIZATION_LEVELS),
+    _Option("dynamic_batching", "--dynamic-batching", _bool,
+            "default for models whose config.json does not say: merge concurrent requests (true/false)", "BOOL"),
+    _Option("max_batch_size", "--max-batch-size", int,
+            "default max_batch_size for batchable models whose config.json does not set one", "ROWS"),
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the `serve` flags; defaults are resolved later so that environment variables can fill them."""
+    parser.epilog = (
+        "Each flag can also be set with the environment variable shown; a flag given on the command line wins. "
+        "Per-model settings (max_batch_size, version_policy, device, threads, instances, dynamic_batching) go in "
+        "<repository>/<model>/config.json."
+    )
+    for option in OPTIONS:
+        default = _DEFAULTS[option.field]
+        if default is dataclasses.MISSING:
+            suffix = " (required)"
+        else:
+            suffix = f" (default: {'off' if default is None else default})"
+        parser.add_argument(
+            option.flag,
+            dest=option.field,
+            default=None,
+            metavar=option.metavar,
+            choices=option.choices,
+            help=f"{option.help}; env {option.env}{suffix}",
+        )
+
+
+def settings_from(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> ServerSettings:
+    """ServerSettings from parsed flags over NNSERVE_* variables; ValueError naming the flag or variable."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for option in OPTIONS:
+        given = getattr(args, option.field, None)
+        source = option.flag
+        if given is None and option.env in environ:
+            given, source = environ[option.env], option.env
+        if given is None:
+            continue
+        try:
+            value = option.parse(given) if isinstance(given, str) else given
+        except ValueError as exc:
+            raise ValueError(f"{source}: invalid value {given!r}: {exc}") from None
+        if option.choices is not None and value not in option.choices:
+            raise ValueError(f"{source}: expected one of {', '.join(option.choices)}, got {value!r}")
+        values[option.field] = value
+    if "model_repository" not in values:
+        raise ValueError("--model-repository (or NNSERVE_MODEL_REPOSITORY) is required")
+    return ServerSettings(**values)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of `nnserve serve`."""
+    from nnserve.server.app import StartupError, serve
+
+    try:
+        settings = settings_from(args)
+    except ValueError as exc:
+        sys.stderr.write(f"nnserve serve: error: {exc}\n")
+        return 2
+    try:
+        return asyncio.run(serve(settings))
+    except (StartupError, ServingError) as exc:
+        log.critical("%s", exc)
+        return 1
+    except KeyboardInterrupt:
+        return 130

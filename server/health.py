@@ -1,0 +1,40 @@
+"""grpc.health.v1.Health for Kubernetes gRPC probes: "" is the server, and each model has its own name.
+
+"" is SERVING once start-up loading is done and the server is ready (strict readiness: every
+model ready), NOT_SERVING while loading or draining. A model name is SERVING while some
+version of it is ready. On shutdown everything turns NOT_SERVING for good.
+"""
+
+from __future__ import annotations
+
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+
+from nnserve.server.repository import ModelEntry, ModelState
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+SERVICE_NAME: str = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+
+
+class HealthReporter:
+    """Owns the health servicer and translates server/model state into serving statuses."""
+
+    def __init__(self) -> None:
+        self.servicer = health_aio.HealthServicer()
+        self._shutting_down = False
+
+    def add_to_server(self, server: object) -> None:
+        health_pb2_grpc.add_HealthServicer_to_server(self.servicer, server)
+
+    async def set_server(self, serving: bool) -> None:
+        await self.servicer.set("", SERVING if serving else NOT_SERVING)
+
+    async def on_model_change(self, entry: ModelEntry) -> None:
+        """Repository listener: keep the model's own health status in step with its state."""
+        await self.servicer.set(entry.name, SERVING if entry.state is ModelState.READY else NOT_SERVING)
+
+    async def shutdown(self) -> None:
+        """NOT_SERVING for every name, permanently (load balancers stop routing here)."""
+        self._shutting_down = True
+        await self.servicer.enter_graceful_shutdown()

@@ -1,0 +1,274 @@
+"""The client's transport against real servers: retries while a server starts late, deadlines bounding retries,
+client-side round-robin across two `nnserve serve` processes (proven by their statistics), gzip and bearer tokens,
+TLS and mutual TLS with certificates generated in the test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from nnserve.builder import load_spec
+from nnserve.builder.reference import forward
+from nnserve.client import AsyncInferenceClient, InferenceClient, Keepalive, RetryPolicy, ServerUnavailableError
+from nnserve.client.connection import ConnectionSettings, call_metadata, channel_target
+from tests.conftest import RunningServer, ServeProcess, free_port, serve_command, serve_process, wait_for_health
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+SOFTMAX = "two_layer_softmax"
+LAYER = "layer_4x3"
+X = np.array([[1.5, -0.5], [0.0, 1.0], [-2.0, 3.0]], dtype=np.float32)
+
+
+def expected(example: str, x: np.ndarray) -> np.ndarray:
+    return forward(load_spec(EXAMPLES / example), x)
+
+
+def test_gzip_keepalive_and_a_bearer_token_do_not_change_results(server: RunningServer) -> None:
+    options = {"gzip": True, "token": "s3cret", "headers": {"X-Tenant": "a"}, "keepalive": Keepalive()}
+    with InferenceClient(server.address, **options) as sync_client:
+        np.testing.assert_allclose(sync_client.infer(SOFTMAX, X), expected("001_two_layer_softmax.json", X), rtol=1e-6)
+
+    async def async_call() -> object:
+        async with AsyncInferenceClient(server.address, **options) as aclient:
+            return await aclient.infer(SOFTMAX, X)
+
+    np.testing.assert_allclose(asyncio.run(async_call()), expected("001_two_layer_softmax.json", X), rtol=1e-6)
+    assert call_metadata("s3cret", {"X-Tenant": "a"}) == (("x-tenant", "a"), ("authorization", "Bearer s3cret"))
+    keepalive = dict(ConnectionSettings("h:1", keepalive=Keepalive(time_s=20, timeout_s=5)).options())
+    assert (keepalive["grpc.keepalive_time_ms"], keepalive["grpc.keepalive_timeout_ms"]) == (20_000, 5_000)
+
+
+# -- retries ---------------------------------------------------------------------------------------------------
+
+
+def test_client_retries_unavailable_until_a_late_server_comes_up(standard_repo: Path, tmp_path: Path) -> None:
+    port = free_port()
+    url = f"127.0.0.1:{port}"
+    with InferenceClient(url, retry=None) as impatient, pytest.raises(ServerUnavailableError):
+        impatient.is_server_live()  # nothing listens yet: without retries this fails at once
+    late: list[subprocess.Popen[bytes]] = []
+    log = (tmp_path / "late.log").open("wb")
+    command = serve_command(standard_repo, port, "--device", "cpu")
+    starter = threading.Timer(0.8, lambda: late.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)))
+    patient = RetryPolicy(max_attempts=200, initial_backoff_s=0.05, max_backoff_s=0.2)
+    started = time.monotonic()
+    starter.start()
+    try:
+        with InferenceClient(url, retry=patient, timeout=30) as client:
+            assert client.is_server_live()
+            waited = time.monotonic() - started
+            wait_for_health(url)
+            np.testing.assert_allclose(client.infer(SOFTMAX, X), expected("001_two_layer_softmax.json", X), rtol=1e-6)
+    finally:
+        starter.join()
+        for process in late:
+            process.kill()
+            process.wait(10)
+        log.close()
+    assert waited >= 0.8  # it answered only after the server started, through retries
+
+
+def test_retries_stop_at_the_deadline_and_at_max_attempts() -> None:
+    url = f"127.0.0.1:{free_port()}"
+    with InferenceClient(url, retry=RetryPolicy(max_attempts=1000, max_backoff_s=0.1), timeout=0.5) as c:
+        started = time.monotonic()
+        with pytest.raises(ServerUnavailableError):
+            c.is_server_live()
+        assert time.monotonic() - started < 2.0
+    policy = RetryPolicy(max_attempts=3, initial_backoff_s=0.01, max_backoff_s=0.01)
+    assert all(0 <= policy.backoff_s(n) <= 0.01 for n in range(10))
+    assert RetryPolicy.disabled().max_attempts == 1
+
+
+def test_round_robin_spreads_requests_over_two_server_processes(standard_repo: Path, tmp_path: Path) -> None:
+    with (
+        serve_process(standard_repo, tmp_path / "a.log", "--device", "cpu") as first,
+        serve_process(standard_repo, tmp_path / "b.log", "--device", "cpu") as second,
+    ):
+        with InferenceClient(f"{first.address},{second.address}") as balanced:
+            for _ in range(40):
+                balanced.infer(LAYER, np.ones((1, 4), dtype=np.float32))
+        counts = []
+        for backend in (first, second):
+            with InferenceClient(backend.address) as direct:
+                counts.append(direct.model_statistics(LAYER)[0].success.count)
+        first.terminate()
+        second.terminate()
+    assert sum(counts) == 40
+    assert min(counts) >= 10, f"requests were not spread: {counts}"
+
+
+def test_url_forms_become_grpc_targets_with_round_robin_for_several_backends() -> None:
+    assert channel_target("127.0.0.1:1,127.0.0.1:2") == "ipv4:127.0.0.1:1,127.0.0.1:2"
+    assert channel_target("[::1]:1, [::1]:2") == "ipv6:[::1]:1,[::1]:2"
+    assert channel_target("grpc://host:8001") == "host:8001"
+    assert channel_target("dns:///svc.ns.svc.cluster.local:8001") == "dns:///svc.ns.svc.cluster.local:8001"
+    options = dict(ConnectionSettings("dns:///svc:8001").options())
+    assert "round_robin" in options["grpc.service_config"]
+    assert "grpc.service_config" not in dict(ConnectionSettings("host:8001").options())
+    with pytest.raises(ValueError, match="host:port"):
+        channel_target("127.0.0.1:1,127.0.0.1")
+    with pytest.raises(ValueError, match="cannot resolve"):
+        channel_target("127.0.0.1:1,no-such-host.invalid:2")
+
+
+# -- TLS and mutual TLS ------------------------------------------------------------------------------------------
+
+# `nnserve serve` has no TLS flags yet (issue 8). Until it does, TLS is terminated by a grpc server built here around
+# the real servicer and repository (the same classes `nnserve serve` wires together), in its own process.
+TLS_SERVER = """
+import asyncio, sys
+from pathlib import Path
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from nnserve.protos import grpc_service_pb2_grpc
+from nnserve.server.repository import ModelRepository
+from nnserve.server.service import InferenceServicer
+from nnserve.server.settings import ServerSettings
+
+async def main(repository, port, cert, key, client_ca):
+    settings = ServerSettings(model_repository=Path(repository), host="127.0.0.1", grpc_port=int(port),
+                              metrics_port=None, device="cpu")
+    models = ModelRepository(settings)
+    server = grpc.aio.server()
+    grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(models, settings), server)
+    status = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(status, server)
+    ca = Path(client_ca).read_bytes() if client_ca != "-" else None
+    credentials = grpc.ssl_server_credentials(
+        [(Path(key).read_bytes(), Path(cert).read_bytes())], root_certificates=ca, require_client_auth=ca is not None)
+    server.add_secure_port(f"127.0.0.1:{port}", credentials)
+    await server.start()
+    await models.load_all()
+    await status.set("", health_pb2.HealthCheckResponse.SERVING)
+    await server.wait_for_termination()
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+
+@dataclass(frozen=True)
+class Pki:
+    """A throwaway CA, a server certificate for 127.0.0.1/localhost and a client certificate, all PEM files."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    root = tmp_path_factory.mktemp("pki")
+    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    _openssl(
+        "req",
+        "-x509",
+        *ec,
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=nnserve test CA",
+        cwd=root,
+    )
+    for name, extensions in (
+        ("server", "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth"),
+        ("client", "extendedKeyUsage=clientAuth"),
+    ):
+        (root / f"{name}.ext").write_text(extensions + "\n")
+        _openssl("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=root)
+        _openssl(
+            "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", f"{name}.pem", "-days", "1", "-extfile", f"{name}.ext", cwd=root,
+        )  # fmt: skip
+    return Pki(root / "ca.pem", root / "server.pem", root / "server.key", root / "client.pem", root / "client.key")
+
+
+@contextmanager
+def tls_server(repository: Path, pki: Pki, log: Path, *, mutual: bool) -> Iterator[ServeProcess]:
+    """The TLS (or mutual TLS) server, awaited on its health service through a TLS channel."""
+    port = free_port()
+    client_ca = str(pki.ca) if mutual else "-"
+    args = [str(repository), str(port), str(pki.server_cert), str(pki.server_key), client_ca]
+    with log.open("wb") as sink:
+        process = subprocess.Popen([sys.executable, "-c", TLS_SERVER, *args], stdout=sink, stderr=subprocess.STDOUT)
+    running = ServeProcess(process, port, log)  # type: ignore[arg-type]
+    try:
+        client_pair = (pki.client_key.read_bytes(), pki.client_cert.read_bytes()) if mutual else (None, None)
+        credentials = grpc.ssl_channel_credentials(pki.ca.read_bytes(), *client_pair)
+        with grpc.secure_channel(running.address, credentials) as channel:
+            watch = health_pb2_grpc.HealthStub(channel).Watch(
+                health_pb2.HealthCheckRequest(service=""), timeout=30, wait_for_ready=True
+            )
+            try:
+                next(r for r in watch if r.status == health_pb2.HealthCheckResponse.SERVING)
+            except grpc.RpcError as error:
+                pytest.fail(f"TLS server never became SERVING ({error.code()}):\n{running.log()}")
+            watch.cancel()
+        yield running
+    finally:
+        process.kill()
+        process.wait(10)
+
+
+def test_tls_client_verifies_the_server_with_the_given_ca(standard_repo: Path, pki: Pki, tmp_path: Path) -> None:
+    with tls_server(standard_repo, pki, tmp_path / "tls.log", mutual=False) as server:
+        with InferenceClient(server.address, root_certificates=pki.ca) as secure:  # a path
+            np.testing.assert_allclose(secure.infer(SOFTMAX, X), expected("001_two_layer_softmax.json", X), rtol=1e-6)
+        with InferenceClient(server.address, root_certificates=pki.ca.read_text()) as secure:  # PEM text
+            assert secure.is_model_ready(SOFTMAX)
+        with (
+            InferenceClient(server.address, tls=True, retry=None, timeout=5) as untrusting,
+            pytest.raises(ServerUnavailableError),
+        ):
+            untrusting.is_server_live()  # system roots do not trust the test CA
+        with InferenceClient(server.address, retry=None, timeout=5) as plaintext, pytest.raises(ServerUnavailableError):
+            plaintext.is_server_live()
+
+
+def test_mutual_tls_needs_the_client_certificate(standard_repo: Path, pki: Pki, tmp_path: Path) -> None:
+    with tls_server(standard_repo, pki, tmp_path / "mtls.log", mutual=True) as server:
+        with InferenceClient(
+            server.address,
+            root_certificates=pki.ca.read_bytes(),
+            private_key=pki.client_key.read_bytes(),
+            certificate_chain=pki.client_cert.read_bytes(),
+        ) as mutual:
+            np.testing.assert_allclose(mutual.infer(SOFTMAX, X), expected("001_two_layer_softmax.json", X), rtol=1e-6)
+
+        async def async_mutual() -> bool:
+            async with AsyncInferenceClient(
+                server.address, root_certificates=pki.ca, private_key=pki.client_key, certificate_chain=pki.client_cert
+            ) as aclient:
+                return await aclient.is_model_ready(SOFTMAX)
+
+        assert asyncio.run(async_mutual())
+        with (
+            InferenceClient(server.address, root_certificates=pki.ca, retry=None, timeout=5) as anonymous,
+            pytest.raises(ServerUnavailableError),
+        ):
+            anonymous.is_server_live()
+    with pytest.raises(ValueError, match="both private_key and certificate_chain"):
+        InferenceClient("127.0.0.1:1", root_certificates=pki.ca, private_key=pki.client_key)

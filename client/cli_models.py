@@ -1,8 +1,12 @@
-"""`nnserve models`: every model the server's repository knows, one line per version.
+"""`nnserve models`: every model the server's repository knows, one line per version, with its facts.
 
-State and reason come from RepositoryIndex; provider, parameter count and batching from ModelConfig (its
-`parameters` map, `max_batch_size`, `dynamic_batching`, `instance_group`). A model that is not loaded has no config:
-its columns show "-" instead of failing the listing.
+State and reason come from RepositoryIndex; provider, size facts and batching from ModelConfig (its `parameters` map,
+`max_batch_size`, `dynamic_batching`, `instance_group`). A model that is not loaded has no config: its columns show
+"-" instead of failing the listing.
+
+A CPU fallback (a version that could have used CUDA but runs on another provider, see the server's
+`provider_fallback` parameter) is marked in the PROVIDER column and explained under the table, because a model
+silently running on CPU is the most expensive mistake a GPU deployment can make.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from nnserve.protos import model_config_pb2
 # Keys a server may use in ModelConfig.parameters; the first present wins.
 PROVIDER_KEYS = ("provider", "execution_provider", "providers")
 PARAMETER_COUNT_KEYS = ("parameter_count", "parameters", "num_parameters")
+FALLBACK_MARK = " (fallback!)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,7 +37,15 @@ class ModelRow:
     reason: str
     platform: str | None = None
     provider: str | None = None
+    requested_device: str | None = None
+    provider_fallback: bool | None = None
+    provider_fallback_reason: str | None = None
     parameter_count: int | None = None
+    weight_bytes: int | None = None
+    flops_per_sample: int | None = None
+    dtype: str | None = None
+    opset: int | None = None
+    layers: tuple[dict[str, Any], ...] | None = None
     max_batch_size: int | None = None
     dynamic_batching: bool | None = None
     max_queue_delay_us: int | None = None
@@ -44,6 +57,7 @@ class ModelRow:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of `nnserve models`."""
     parser.add_argument("--ready", action="store_true", help="list only models that are ready")
+    parser.add_argument("--layers", action="store_true", help="also list each version's layers under the table")
     parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     add_connection_arguments(parser)
 
@@ -60,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     elif not rows:
         print("no models")
     else:
-        print(_table(rows))
+        print(render(rows, layers=getattr(args, "layers", False)))
     return EXIT_OK
 
 
@@ -77,6 +91,28 @@ def collect(client: InferenceClient, *, ready_only: bool = False) -> list[ModelR
     return rows
 
 
+def render(rows: list[ModelRow], *, layers: bool = False) -> str:
+    """The table, then one line per CPU fallback, then (with `layers`) each version's layers."""
+    lines = [_table(rows)]
+    fallbacks: dict[tuple[str, str, str], list[str]] = {}
+    for row in rows:
+        if row.provider_fallback:
+            reason = row.provider_fallback_reason or "no reason given"
+            cause = (row.requested_device or "?", row.provider or "?", reason)
+            fallbacks.setdefault(cause, []).append(f"{row.name}:{row.version}")
+    if fallbacks:
+        lines.append("")
+    for (device, provider, reason), versions in fallbacks.items():
+        lines.append(f"CPU fallback: {', '.join(versions)} asked for device '{device}' but run on {provider}: {reason}")
+    if layers:
+        described = [row for row in rows if row.layers]
+        if described:
+            lines.append("")
+        for row in described:
+            lines.append(f"{row.name}:{row.version}  " + " | ".join(_layer_text(layer) for layer in row.layers or ()))
+    return "\n".join(lines)
+
+
 def _config_or_none(client: InferenceClient, name: str) -> model_config_pb2.ModelConfig | None:
     try:
         return client.model_config(name)
@@ -89,6 +125,7 @@ def _row(name: str, version: str, state: str, reason: str, config: model_config_
         return ModelRow(name, version, state, reason)
     parameters = {key: value.string_value for key, value in config.parameters.items()}
     batching = config.dynamic_batching if config.HasField("dynamic_batching") else None
+    fallback = parameters.get("provider_fallback")
     return ModelRow(
         name=name,
         version=version,
@@ -96,7 +133,15 @@ def _row(name: str, version: str, state: str, reason: str, config: model_config_
         reason=reason,
         platform=config.platform or config.backend or None,
         provider=_first(parameters, PROVIDER_KEYS),
+        requested_device=parameters.get("requested_device") or None,
+        provider_fallback=None if fallback is None else fallback.lower() == "true",
+        provider_fallback_reason=parameters.get("provider_fallback_reason") or None,
         parameter_count=_int_or_none(_first(parameters, PARAMETER_COUNT_KEYS)),
+        weight_bytes=_int_or_none(parameters.get("weight_bytes")),
+        flops_per_sample=_int_or_none(parameters.get("flops_per_sample")),
+        dtype=parameters.get("dtype") or None,
+        opset=_int_or_none(parameters.get("opset")),
+        layers=_layers_or_none(parameters.get("layers")),
         max_batch_size=config.max_batch_size,
         dynamic_batching=batching is not None,
         max_queue_delay_us=batching.max_queue_delay_microseconds if batching else None,
@@ -107,14 +152,18 @@ def _row(name: str, version: str, state: str, reason: str, config: model_config_
 
 
 def _table(rows: list[ModelRow]) -> str:
-    headers = ["MODEL", "VERSION", "STATE", "PROVIDER", "PARAMS", "MAX BATCH", "BATCHING", "INSTANCES", "REASON"]
+    headers = ["MODEL", "VERSION", "STATE", "PROVIDER", "PARAMS", "WEIGHTS", "FLOPS/ROW", "OPSET", "MAX BATCH",
+               "BATCHING", "INSTANCES", "REASON"]
     body = [
         [
             row.name,
             row.version or "-",
             row.state or "-",
-            row.provider,
+            (row.provider + FALLBACK_MARK) if row.provider and row.provider_fallback else row.provider,
             f"{row.parameter_count:,}" if row.parameter_count is not None else None,
+            _bytes_text(row.weight_bytes),
+            f"{row.flops_per_sample:,}" if row.flops_per_sample is not None else None,
+            row.opset,
             row.max_batch_size,
             _batching_text(row),
             row.instances,
@@ -122,7 +171,7 @@ def _table(rows: list[ModelRow]) -> str:
         ]
         for row in rows
     ]
-    return format_table(headers, body, right=[False, True, False, False, True, True, False, True])
+    return format_table(headers, body, right=[False, True, False, False, True, True, True, True, True, False, True])
 
 
 def _batching_text(row: ModelRow) -> str | None:
@@ -136,6 +185,32 @@ def _batching_text(row: ModelRow) -> str | None:
     if row.max_queue_size:
         parts.append(f"queue {row.max_queue_size}")
     return "on: " + ", ".join(parts)
+
+
+def _bytes_text(count: int | None) -> str | None:
+    if count is None:
+        return None
+    size = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{count} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{count} B"  # pragma: no cover
+
+
+def _layer_text(layer: dict[str, Any]) -> str:
+    shape = f"{layer.get('in', '?')}->{layer.get('out', '?')}"
+    return f"{layer.get('name', '?')} {shape} {layer.get('activation', '?')} ({layer.get('parameters', '?')})"
+
+
+def _layers_or_none(text: str | None) -> tuple[dict[str, Any], ...] | None:
+    if not text:
+        return None
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        return None
+    return tuple(item for item in parsed if isinstance(item, dict)) if isinstance(parsed, list) else None
 
 
 def _first(parameters: dict[str, str], keys: tuple[str, ...]) -> str | None:

@@ -17,9 +17,12 @@ import grpc
 from nnserve.client.errors import InferenceError
 
 RETRYABLE_CODES: frozenset[grpc.StatusCode] = frozenset(
-    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED}
 )
-"""UNAVAILABLE (not reachable, restarting, draining) and RESOURCE_EXHAUSTED (queue full): the request was not run."""
+"""UNAVAILABLE (not reachable, restarting, draining) and RESOURCE_EXHAUSTED (queue full): the request was not run.
+CANCELLED, which a client that did not cancel gets when a server shuts down: gRPC cancels the calls it had received
+but not yet handed to the server's code (and, after a drain's grace period, calls still running); the next attempt
+goes to another replica, or fails UNAVAILABLE. This client never cancels a call it is waiting for itself."""
 
 # gRPC's text when a message exceeds a size limit (client or server side); it also comes as RESOURCE_EXHAUSTED.
 _MESSAGE_TOO_LARGE = "larger than max"

@@ -22,9 +22,16 @@ from nnserve.protos import grpc_service_pb2_grpc as pb_grpc
 from nnserve.server.errors import DeviceUnavailableError
 from nnserve.server.health import SERVICE_NAME as HEALTH_SERVICE
 from nnserve.server.health import HealthReporter
-from nnserve.server.metrics import MetricsServer
+from nnserve.server.metrics import MetricsServer, MultiprocessWriter, ServingState, multiprocess_dir
 from nnserve.server.providers import cuda_unavailable_reason
 from nnserve.server.repository import ModelEntry, ModelRepository, ModelState
+from nnserve.server.security import (
+    CallGate,
+    SecurityConfigError,
+    TokenTable,
+    install_log_filters,
+    server_credentials,
+)
 from nnserve.server.service import InferenceServicer
 from nnserve.server.settings import ServerSettings
 
@@ -55,6 +62,8 @@ class InferenceServer:
         self.servicer = servicer
         self.health = health
         self.metrics: MetricsServer | None = None
+        self.metrics_writer: MultiprocessWriter | None = None
+        self.metrics_state = ServingState(repository, servicer.unrouted, lambda: servicer.inflight)
         self._grpc = grpc_server
         self._stopping: asyncio.Task[None] | None = None
 
@@ -68,15 +77,16 @@ class InferenceServer:
         address = f"{self.settings.host}:{self.port}"
         log.info("nnserve %s listening on %s (gRPC: KServe v2 inference, health, reflection)", __version__, address)
         if self.settings.metrics_port is not None:
-            self.metrics = MetricsServer(self.repository, lambda: self.servicer.inflight)
+            metrics_host = self.settings.metrics_host or self.settings.host
+            self.metrics = MetricsServer(self.metrics_state)
             try:
-                port = self.metrics.start(self.settings.host, self.settings.metrics_port)
+                port = self.metrics.start(metrics_host, self.settings.metrics_port)
             except OSError as exc:
                 self.metrics = None
                 raise StartupError(
-                    f"cannot serve metrics on {self.settings.host}:{self.settings.metrics_port}: {exc}"
+                    f"cannot serve metrics on {metrics_host}:{self.settings.metrics_port}: {exc}"
                 ) from None
-            log.info("metrics on http://%s:%d/metrics", self.settings.host, port)
+            log.info("metrics on http://%s:%d/metrics", metrics_host, port)
         started = time.monotonic()
         await self.repository.load_all()
         entries = self.repository.entries()
@@ -85,6 +95,9 @@ class InferenceServer:
         for entry in entries:
             if entry.state is not ModelState.READY:
                 log.warning("model '%s' is UNAVAILABLE: %s", entry.name, entry.why_not_ready())
+        if multiprocess_dir() is not None:  # one of several workers: the supervisor serves the merged metrics
+            self.metrics_writer = MultiprocessWriter(self.metrics_state)
+            self.metrics_writer.start()
         await self._update_server_health()
         if self.servicer.is_ready():
             log.info("ready: serving on %s", address)
@@ -111,9 +124,11 @@ class InferenceServer:
             log.warning("%d requests were still running when the grace period ended", self.servicer.inflight)
         await self._grpc.stop(max(0.0, min(1.0, deadline - time.monotonic())))
         await self.repository.close(timeout=max(0.0, deadline - time.monotonic()))
+        if self.metrics_writer is not None:
+            await self.metrics_writer.stop()
         if self.metrics is not None:
             self.metrics.stop()
-        log.info("stopped")
+        log.info("stopped; %d inference requests were accepted since the start", self.servicer.accepted_total)
 
     async def _update_server_health(self, _entry: ModelEntry | None = None) -> None:
         if self._stopping is None:
@@ -129,26 +144,48 @@ async def create_server(settings: ServerSettings) -> tuple[InferenceServer, int]
         reason = cuda_unavailable_reason(settings.device_id)
         if reason is not None:
             raise DeviceUnavailableError(f"--device cuda was requested but CUDA cannot be used: {reason}")
+    try:
+        tokens = TokenTable.load(settings.auth_token_file, settings.auth_tokens)
+        credentials = None
+        if settings.tls_cert is not None and settings.tls_key is not None:
+            credentials = server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+    except SecurityConfigError as exc:
+        raise StartupError(str(exc)) from None
+    install_log_filters()
     repository = ModelRepository(settings)
     servicer = InferenceServicer(repository, settings)
     health = HealthReporter()
     grpc_server = grpc.aio.server(
+        # Token scopes (when configured) and INVALID_ARGUMENT for undecodable requests, on every call.
+        interceptors=[CallGate(tokens)],
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
-            # Fail loudly if another process holds the port instead of silently sharing it.
-            ("grpc.so_reuseport", 0),
+            ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
+            # Fail loudly if another process holds the port instead of silently sharing it; only the workers of
+            # `--workers N` share it, by design (nnserve.server.workers).
+            ("grpc.so_reuseport", 1 if settings.reuse_port else 0),
         ]
     )
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, grpc_server)
     health.add_to_server(grpc_server)
     reflection.enable_server_reflection((INFERENCE_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), grpc_server)
     try:
-        port = grpc_server.add_insecure_port(settings.grpc_address)
+        if credentials is None:
+            port = grpc_server.add_insecure_port(settings.grpc_address)
+        else:
+            port = grpc_server.add_secure_port(settings.grpc_address, credentials)
     except RuntimeError as exc:
         raise StartupError(f"cannot listen on {settings.grpc_address}: {exc} (is the port in use?)") from None
+    log.info(
+        "gRPC transport: %s; token authentication: %s",
+        "plaintext" if credentials is None
+        else "TLS, client certificates required" if settings.tls_client_ca is not None else "TLS",
+        "off" if tokens is None else f"on ({len(tokens)} tokens; grpc.health.v1 open to probes)",
+    )
     app = InferenceServer(settings, grpc_server, port, repository, servicer, health)
     await health.set_server(False)
+    await health.set_alive()
     repository.add_listener(health.on_model_change)
     repository.add_listener(app._update_server_health)
     return app, port

@@ -6,18 +6,22 @@ exceptions raised here to status codes.
 
 How a batch forms (one collector coroutine, read `_collect_loop` top to bottom):
 
-1. Wait for an idle instance (a semaphore of `instances` slots), then for the first live request (`queue.get()`:
-   an idle batcher has no timers and spends no CPU).
-2. One deadline per batch: the first request's *arrival* + `max_queue_delay`. Counting from arrival is the one
-   cheap rule beyond a fixed window: a request that already waited because every instance was busy is not made to
-   wait again, so the next free instance takes what is queued at once (natural batching under load), and no
-   request ever waits more than `max_queue_delay` for companions.
-3. Add requests in arrival order while they are compatible (same input names, dtypes and non-batch shapes) and fit
-   `max_batch_size` rows. Close the batch when it is full, when it reaches a preferred size and nothing else is
-   queued, when the deadline passes, or when the next request does not fit: that request opens the next batch, so
-   nothing is reordered.
-4. Drop what expired or was cancelled meanwhile (never executed), then run the rest in the executor while the
-   collector goes back to step 1.
+1. Wait for an idle instance (a semaphore of `instances` slots), then for the first live request (an idle batcher
+   waits on one future: no timers, no CPU).
+2. Add what is queued, in arrival order, while it is compatible (same input names, dtypes and non-batch shapes) and
+   fits `max_batch_size` rows. A request that does not fit opens the next batch, so nothing is reordered.
+3. When the queue is empty and the batch could take more, ask the delay policy how long to wait for the next
+   request (`batch_policy`): `fixed` waits until the first request's *arrival* + `max_queue_delay` (a request that
+   already waited for a busy instance is not made to wait again: the next free instance takes what is queued at
+   once, which is natural batching under load); `adaptive` waits only while the measured costs and arrivals say the
+   wait pays, within the same budget. Close the batch when it is full, when it reaches a preferred size and nothing
+   else is queued, or when the wait ends without an arrival.
+4. Drop what expired or was cancelled meanwhile (never executed), then run the rest while the collector goes back to
+   step 1: on an executor thread, or inline on the event loop when the model's measured compute time for that many
+   rows is below `inline_max_compute_us` (for tiny networks the thread hand-off costs more than the model).
+
+Waits are exact to tens of microseconds: the window ends on a Linux timerfd watched by the loop (`precise_timer`),
+because asyncio's own timers wait in whole milliseconds (epoll) and would turn the default 100 us into ~1.1 ms.
 
 Clock: every time here is `loop.time()`, which asyncio's event loops take from `time.monotonic()` (on Linux both
 are CLOCK_MONOTONIC), so a caller's `deadline` is an absolute `time.monotonic()` value.
@@ -30,6 +34,7 @@ import contextlib
 import itertools
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -37,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from nnserve.server.batch_policy import AdaptiveDelay, CostTable
 from nnserve.server.batching_settings import BatchingSettings
 from nnserve.server.errors import (
     DeadlineExpiredError,
@@ -45,6 +51,7 @@ from nnserve.server.errors import (
     QueueFullError,
     ServerUnavailableError,
 )
+from nnserve.server.precise_timer import PreciseTimer
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +62,12 @@ BatchKey = tuple[tuple[str, np.dtype, tuple[int, ...]], ...]
 """Input names with their dtypes and non-batch shapes: only requests with equal keys can be concatenated."""
 
 _MAX_ERROR_CHARS = 300
+_INLINE_MIN_SAMPLES = 16
+"""Batches timed on the executor before any may run inline: one fast sample must not put a large model on the loop."""
+_INLINE_ALPHA_UP = 0.02
+"""How fast the compute-time floor rises: a model that really became slow leaves the loop within ~50 batches."""
+_SELECTOR_RESOLUTION_S = 0.001
+"""asyncio's selector waits in whole milliseconds; shorter waits without a timerfd yield to the loop instead."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,11 +231,25 @@ class DynamicBatcher:
         self._on_batch = on_batch
         self._label = f"model '{name}'" if name else "the model"
         self._preferred = frozenset(settings.preferred_batch_sizes)
-        self._queue: asyncio.Queue[_Request] = asyncio.Queue()
+        self._delay_s = settings.max_queue_delay_s
+        self._inline_limit_s = settings.inline_max_compute_us / 1_000_000
+        self._queue: deque[_Request] = deque()
+        self._arrival: asyncio.Future[bool] | None = None  # what the collector awaits while the queue is empty
+        self._parked = False  # the collector holds an idle instance and waits for a batch's first request
+        self._arrival_recorded = False  # _runs_at_once already told the adaptive policy about this arrival
+        self._timer: PreciseTimer | None = None
         self._slots = asyncio.Semaphore(settings.instances)
         self._pending: set[_Request] = set()  # accepted, not yet executing: what max_queue_size bounds
+        self._executing = 0  # requests in batches that run now
         self._carry: _Request | None = None  # the request that did not fit the last batch; it opens the next one
         self._batch_tasks: dict[asyncio.Task[None], list[_Request]] = {}  # executing, each holding an instance
+        self._adaptive = (
+            AdaptiveDelay(self._delay_s, settings.max_batch_size) if settings.delay_mode == "adaptive" else None
+        )
+        # Compute time by rows, decides inline execution. A floor: timed on an executor thread, a run also counts the
+        # wait for the GIL after onnxruntime returns, which a busy event loop makes long and erratic.
+        self._compute = CostTable(settings.max_batch_size, alpha_up=_INLINE_ALPHA_UP, alpha_down=1.0)
+        self._compute_samples = 0
         self._executor: ThreadPoolExecutor | None = None
         self._collector: asyncio.Task[None] | None = None
         self._accepting = False
@@ -244,16 +271,29 @@ class DynamicBatcher:
         """Batches executing now (at most `instances`)."""
         return len(self._batch_tasks)
 
+    @property
+    def current_delay_s(self) -> float:
+        """The longest a forming batch would now wait for one more request, in seconds (a gauge for metrics).
+
+        `fixed`: `max_queue_delay`. `adaptive`: the window the measurements grant right now, 0 when waiting does not
+        pay (a lone client, a tiny model, no measurements yet). 0 when batching is off.
+        """
+        if not self._settings.enabled:
+            return 0.0
+        if self._adaptive is None:
+            return self._delay_s
+        return self._adaptive.current()
+
     async def start(self) -> None:
         """Create the executor (one thread per instance) and the collector; call once, on the serving loop."""
         if self._collector is not None or self._stopped:
             raise RuntimeError(f"the batcher of {self._label} can be started only once")
+        loop = asyncio.get_running_loop()
         self._executor = ThreadPoolExecutor(
             max_workers=self._settings.instances, thread_name_prefix=f"batch-{self._name or 'model'}"
         )
-        self._collector = asyncio.get_running_loop().create_task(
-            self._collect_loop(), name=f"batch-collector-{self._name}"
-        )
+        self._timer = PreciseTimer(loop)
+        self._collector = loop.create_task(self._collect_loop(), name=f"batch-collector-{self._name}")
         self._collector.add_done_callback(self._on_collector_done)
         self._accepting = True
 
@@ -281,6 +321,8 @@ class DynamicBatcher:
             self._collector.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._collector
+        if self._timer is not None:
+            self._timer.close()
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
 
@@ -291,7 +333,10 @@ class DynamicBatcher:
         later DeadlineExpiredError when `deadline` (an absolute `time.monotonic()` value) passes while it is queued,
         ExecutionError when its batch fails. Cancelling the caller while queued removes the request unexecuted.
         """
-        request = self._admit(inputs, deadline)
+        arrays, rows, now = self._validate(inputs, deadline)
+        if self._runs_at_once(rows, now):
+            return self._run_now(arrays, rows, now)
+        request = self._enqueue(arrays, rows, now, deadline)
         try:
             return await request.future
         except asyncio.CancelledError:
@@ -300,34 +345,81 @@ class DynamicBatcher:
 
     # -- admission ---------------------------------------------------------------------------------------------
 
-    def _admit(self, inputs: Mapping[str, np.ndarray], deadline: float | None) -> _Request:
-        """Validate and enqueue, so that one bad request is refused before it can share (and fail) a batch."""
+    def _validate(
+        self, inputs: Mapping[str, np.ndarray], deadline: float | None
+    ) -> tuple[dict[str, np.ndarray], int, float]:
+        """Refuse a bad request before it can share (and fail) a batch: its arrays, rows and arrival time."""
         if not self._accepting:
             raise ServerUnavailableError(f"{self._label} is not serving (not started or shutting down)")
         if not isinstance(inputs, Mapping):
             raise InvalidInputError(f"inputs must map input names to arrays, got {type(inputs).__name__}")
-        arrays = {name: np.asarray(value) for name, value in inputs.items()}
+        arrays = {name: value if type(value) is np.ndarray else np.asarray(value) for name, value in inputs.items()}
         rows = request_rows(arrays)
         if rows > self._settings.max_batch_size:
             raise InvalidInputError(
                 f"the request has {rows} rows, more than max_batch_size {self._settings.max_batch_size} of "
                 f"{self._label}; split it into several requests"
             )
-        loop = asyncio.get_running_loop()
-        now = loop.time()
+        now = asyncio.get_running_loop().time()
         if deadline is not None and deadline <= now:
             raise DeadlineExpiredError(f"the deadline had passed before the request reached {self._label}")
+        return arrays, rows, now
+
+    def _runs_at_once(self, rows: int, now: float) -> bool:
+        """Whether this request would form a batch of its own and run inline at once: then it skips the queue.
+
+        True only when the collector is parked holding an idle instance (nothing queued, nothing forming), the
+        delay policy grants no wait and the model is cheap enough to run on the loop. The request then runs in the
+        caller's own step: no queue, no future, no task switch, which for a tiny model is most of the batcher's cost.
+        """
+        if not self._parked or self._queue or self._carry is not None or not self._runs_inline(rows):
+            return False
+        if not self._settings.enabled:
+            return True
+        if self._adaptive is None:
+            return self._delay_s <= 0
+        self._adaptive.on_arrival(now, self._executing)
+        self._arrival_recorded = True
+        return self._adaptive.window(now, self._delay_s) <= 0
+
+    def _enqueue(self, arrays: dict[str, np.ndarray], rows: int, now: float, deadline: float | None) -> _Request:
+        """Queue a validated request (bounded by max_queue_size) and wake the collector."""
+        recorded, self._arrival_recorded = self._arrival_recorded, False
         if len(self._pending) >= self._settings.max_queue_size:
             raise QueueFullError(
                 f"the queue of {self._label} is full (max_queue_size {self._settings.max_queue_size} requests); "
                 "retry with backoff"
             )
+        loop = asyncio.get_running_loop()
         request = _Request(arrays, rows, batch_key(arrays), loop.create_future(), now, deadline)
         if deadline is not None:
             request.timer = loop.call_at(deadline, self._expire, request)
+        if self._adaptive is not None and not recorded:
+            self._adaptive.on_arrival(now, len(self._pending) + self._executing)
         self._pending.add(request)
-        self._queue.put_nowait(request)
+        self._queue.append(request)
+        arrival = self._arrival
+        if arrival is not None and not arrival.done():
+            arrival.set_result(True)
         return request
+
+    def _run_now(self, arrays: dict[str, np.ndarray], rows: int, arrived: float) -> BatchOutcome:
+        """Execute a lone request inline, in the caller's step (see `_runs_at_once`)."""
+        self._arrival_recorded = False
+        waited = asyncio.get_running_loop().time() - arrived
+        started = time.perf_counter()
+        try:
+            outputs = self._run(arrays)
+            compute_seconds = time.perf_counter() - started
+            (part,) = split_outputs(outputs, (rows,))
+        except Exception as exc:
+            message = f"{self._label} failed to run a batch of {rows} rows (1 request): {_first_line(exc)}"
+            logger.warning("%s", message, exc_info=exc)
+            self._report(BatchStats(rows, 1, (waited,), time.perf_counter() - started, succeeded=False))
+            raise ExecutionError(message) from None
+        self._learn(rows, compute_seconds, compute_seconds)
+        self._report(BatchStats(rows, 1, (waited,), compute_seconds, succeeded=True))
+        return BatchOutcome(part, waited, compute_seconds, rows, 1)
 
     def _expire(self, request: _Request) -> None:
         """Fail a request whose deadline passed before it was dispatched; it is skipped, never executed."""
@@ -360,7 +452,7 @@ class DynamicBatcher:
     # -- batch formation -----------------------------------------------------------------------------------------
 
     async def _collect_loop(self) -> None:
-        """Forever: an idle instance, then a batch for it, then hand the batch to a task and go on."""
+        """Forever: an idle instance, then a batch for it, then hand the batch over and go on."""
         while True:
             await self._slots.acquire()
             try:
@@ -371,21 +463,30 @@ class DynamicBatcher:
             self._dispatch(batch)
 
     async def _collect(self) -> list[_Request]:
-        """Form one batch under a single deadline: first request's arrival + max_queue_delay."""
-        first = await self._take(deadline=None)
-        assert first is not None  # without a deadline, _take waits for a request
+        """Form one batch: what is queued, then what arrives while the delay policy grants a wait."""
+        first = await self._take(until=None)
+        assert first is not None  # without a bound, _take waits for a request
         if not self._settings.enabled:
             return [first]
         builder = BatchBuilder(self._settings.max_batch_size, self._preferred)
         builder.add(first.key, first.rows)
         batch = [first]
-        deadline = first.enqueued_at + self._settings.max_queue_delay_s
+        budget_end = first.enqueued_at + self._delay_s
+        loop = asyncio.get_running_loop()
         while not builder.full:
-            if builder.at_preferred_size and self._queue.empty():
-                break
-            request = await self._take(deadline)
+            request = self._take_queued()
             if request is None:
-                break
+                if builder.at_preferred_size:
+                    break
+                now = loop.time()
+                wait = self._window(now, budget_end)
+                if wait <= 0:
+                    break
+                request = await self._take(until=now + wait)
+                if request is None:
+                    if self._adaptive is not None:
+                        self._adaptive.on_window_expired()
+                    break
             if not builder.accepts(request.key, request.rows):
                 self._carry = request
                 break
@@ -393,30 +494,67 @@ class DynamicBatcher:
             batch.append(request)
         return batch
 
-    async def _take(self, deadline: float | None) -> _Request | None:
-        """The next live request (the carried one first), or None once the batch deadline has passed."""
+    def _window(self, now: float, budget_end: float) -> float:
+        """How long the forming batch may wait for its next request (0: close it)."""
+        budget_left = budget_end - now
+        if self._adaptive is None:
+            return budget_left
+        if budget_left <= 0:
+            return 0.0
+        return self._adaptive.window(now, budget_left)
+
+    def _take_queued(self) -> _Request | None:
+        """The next live request already here (the carried one first), without waiting."""
         if self._carry is not None:
             request, self._carry = self._carry, None
             if self._is_live(request):
                 return request
-        while True:
-            request = await self._get(deadline)
-            if request is None or self._is_live(request):
+        while self._queue:
+            request = self._queue.popleft()
+            if self._is_live(request):
                 return request
+        return None
 
-    async def _get(self, deadline: float | None) -> _Request | None:
-        """`queue.get()` bounded by the batch deadline; what is already queued is taken even after it."""
-        if not self._queue.empty():
-            return self._queue.get_nowait()
-        if deadline is None:
-            return await self._queue.get()
-        if deadline <= asyncio.get_running_loop().time():
-            return None
+    async def _take(self, until: float | None) -> _Request | None:
+        """The next live request, waiting for one until the loop time `until` (None: no bound); None after it."""
+        loop = asyncio.get_running_loop()
+        while True:
+            request = self._take_queued()
+            if request is not None:
+                return request
+            if until is not None and until <= loop.time():
+                return None
+            if not await self._wait_for_arrival(until):
+                return self._take_queued()
+
+    async def _wait_for_arrival(self, until: float | None) -> bool:
+        """Sleep until a request is queued (True) or until `until` (False); never polls while the batcher is idle."""
+        loop = asyncio.get_running_loop()
+        timer = self._timer
+        assert timer is not None  # set by start()
+        if until is not None and not timer.precise and until - loop.time() < _SELECTOR_RESOLUTION_S:
+            # No timerfd: a selector timer would round this up to 1 ms. Yield one loop iteration instead (network
+            # callbacks run and may queue a request); the caller comes back until the window has passed.
+            await asyncio.sleep(0)
+            return bool(self._queue)
+        arrival = loop.create_future()
+        self._arrival = arrival
+        self._parked = until is None
+        if until is not None:
+            timer.call_at(until, self._end_wait)
         try:
-            async with asyncio.timeout_at(deadline):
-                return await self._queue.get()
-        except TimeoutError:
-            return None
+            return await arrival
+        finally:
+            self._arrival = None
+            self._parked = False
+            if until is not None:
+                timer.cancel()
+
+    def _end_wait(self) -> None:
+        """The wait window has passed without an arrival."""
+        arrival = self._arrival
+        if arrival is not None and not arrival.done():
+            arrival.set_result(False)
 
     def _is_live(self, request: _Request) -> bool:
         """False for requests cancelled, expired or failed while queued (expiring them now if their timer lags)."""
@@ -428,7 +566,7 @@ class DynamicBatcher:
         return True
 
     def _dispatch(self, batch: list[_Request]) -> None:
-        """Drop what died during the window, then start executing the rest on the slot the collector holds."""
+        """Drop what died during the window, then execute the rest on the instance the collector holds."""
         live = [request for request in batch if self._is_live(request)]
         if not live:
             self._slots.release()
@@ -439,32 +577,93 @@ class DynamicBatcher:
             request.dispatched = True
             self._forget(request)
         queue_seconds = tuple(now - request.enqueued_at for request in live)
-        task = loop.create_task(self._execute(live, queue_seconds))
+        rows = sum(request.rows for request in live)
+        if self._runs_inline(rows):
+            try:
+                self._execute_inline(live, queue_seconds, rows)
+            finally:
+                self._slots.release()
+            return
+        self._executing += len(live)
+        task = loop.create_task(self._execute(live, queue_seconds, now))
         self._batch_tasks[task] = live
         task.add_done_callback(self._on_batch_done)
 
+    def _runs_inline(self, rows: int) -> bool:
+        """Whether this batch is cheap enough, by the model's measured compute time, to run on the event loop."""
+        if self._inline_limit_s <= 0 or self._compute_samples < _INLINE_MIN_SAMPLES:
+            return False
+        return self._compute.predict(rows) < self._inline_limit_s
+
     # -- execution ----------------------------------------------------------------------------------------------
 
-    async def _execute(self, batch: list[_Request], queue_seconds: tuple[float, ...]) -> None:
-        """Run one batch and settle every request of it; a failure fails this batch only."""
+    async def _execute(self, batch: list[_Request], queue_seconds: tuple[float, ...], dispatched: float) -> None:
+        """Run one batch on an executor thread and settle every request of it; a failure fails this batch only."""
         loop = asyncio.get_running_loop()
-        started = loop.time()
+        try:
+            try:
+                outputs, compute_seconds = await self._run_in_executor(batch)
+            except Exception as exc:
+                self._fail_batch(batch, queue_seconds, loop.time() - dispatched, exc)
+                return
+            self._learn(sum(request.rows for request in batch), compute_seconds, loop.time() - dispatched)
+            self._settle(batch, queue_seconds, outputs, compute_seconds)
+        finally:
+            self._executing -= len(batch)
+
+    def _execute_inline(self, batch: list[_Request], queue_seconds: tuple[float, ...], rows: int) -> None:
+        """Run one batch on the event loop itself (tiny models only, see `_runs_inline`) and settle it."""
+        started = time.perf_counter()
+        try:
+            merged = merge_inputs([request.inputs for request in batch])
+            for request in batch:
+                request.inputs = {}
+            started = time.perf_counter()
+            outputs = self._run(merged)
+        except Exception as exc:
+            self._fail_batch(batch, queue_seconds, time.perf_counter() - started, exc)
+            return
+        compute_seconds = time.perf_counter() - started
+        self._learn(rows, compute_seconds, compute_seconds)
+        self._settle(batch, queue_seconds, outputs, compute_seconds)
+
+    def _learn(self, rows: int, compute_seconds: float, occupancy_seconds: float) -> None:
+        """Feed the measurements that decide inline execution and the adaptive delay."""
+        self._compute.record(rows, compute_seconds)
+        self._compute_samples += 1
+        if self._adaptive is not None:
+            self._adaptive.on_batch(rows, occupancy_seconds)
+
+    def _settle(
+        self,
+        batch: list[_Request],
+        queue_seconds: tuple[float, ...],
+        outputs: Mapping[str, np.ndarray],
+        compute_seconds: float,
+    ) -> None:
+        """Split the outputs and give every caller its rows (or the batch's error if the split is refused)."""
         rows = [request.rows for request in batch]
         total = sum(rows)
         try:
-            outputs, compute_seconds = await self._run_in_executor(batch)
             parts = split_outputs(outputs, rows)
         except Exception as exc:
-            message = f"{self._label} failed to run a batch of {total} rows ({len(batch)} requests): {_first_line(exc)}"
-            logger.warning("%s", message, exc_info=exc)
-            for request in batch:
-                _settle_error(request.future, ExecutionError(message))
-            self._report(BatchStats(total, len(batch), queue_seconds, loop.time() - started, succeeded=False))
-        else:
-            for request, part, waited in zip(batch, parts, queue_seconds, strict=True):
-                if not request.future.done():  # a caller cancelled during execution: its rows are dropped
-                    request.future.set_result(BatchOutcome(part, waited, compute_seconds, total, len(batch)))
-            self._report(BatchStats(total, len(batch), queue_seconds, compute_seconds, succeeded=True))
+            self._fail_batch(batch, queue_seconds, compute_seconds, exc)
+            return
+        for request, part, waited in zip(batch, parts, queue_seconds, strict=True):
+            if not request.future.done():  # a caller cancelled during execution: its rows are dropped
+                request.future.set_result(BatchOutcome(part, waited, compute_seconds, total, len(batch)))
+        self._report(BatchStats(total, len(batch), queue_seconds, compute_seconds, succeeded=True))
+
+    def _fail_batch(
+        self, batch: list[_Request], queue_seconds: tuple[float, ...], seconds: float, exc: Exception
+    ) -> None:
+        """Fail every request of one batch with the same clear message; other batches are untouched."""
+        total = sum(request.rows for request in batch)
+        message = f"{self._label} failed to run a batch of {total} rows ({len(batch)} requests): {_first_line(exc)}"
+        logger.warning("%s", message, exc_info=exc)
+        for request in batch:
+            _settle_error(request.future, ExecutionError(message))
+        self._report(BatchStats(total, len(batch), queue_seconds, seconds, succeeded=False))
 
     def _on_batch_done(self, task: asyncio.Task[None]) -> None:
         """Give the instance back once the task is gone, so `in_flight_batches` never exceeds `instances`.

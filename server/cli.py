@@ -19,12 +19,14 @@ from typing import Any
 
 from nnserve.server.errors import ServingError
 from nnserve.server.settings import DEVICES, MODEL_CONTROLS, OPTIMIZATION_LEVELS, ServerSettings
+from nnserve.server.statistics import validate_buckets
 
 log = logging.getLogger(__name__)
 
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(ServerSettings)}
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
+_AUTH_TOKENS_ENV = "NNSERVE_AUTH_TOKENS"
 
 
 def _bool(text: str) -> bool:
@@ -34,6 +36,10 @@ def _bool(text: str) -> bool:
     if value in _FALSE:
         return False
     raise ValueError(f"expected one of {', '.join(_TRUE + _FALSE)}, got {text!r}")
+
+
+def _buckets(text: str) -> tuple[float, ...]:
+    return validate_buckets(float(part) for part in text.split(",") if part.strip())
 
 
 def _optional_port(text: str) -> int | None:
@@ -50,6 +56,8 @@ class _Option:
     help: str
     metavar: str | None = None
     choices: tuple[str, ...] | None = None
+    default_text: str | None = None
+    """What --help says the default is, where the settings default does not read well."""
 
     @property
     def env(self) -> str:
@@ -62,6 +70,11 @@ OPTIONS: tuple[_Option, ...] = (
     _Option("host", "--host", str, "interface to listen on", "HOST"),
     _Option("grpc_port", "--grpc-port", int, "gRPC port (inference, health, reflection); 0 picks a free one", "PORT"),
     _Option("metrics_port", "--metrics-port", _optional_port, "Prometheus /metrics port; 'off' disables it", "PORT"),
+    _Option("metrics_host", "--metrics-host", str, "interface the /metrics port listens on", "HOST",
+            default_text="the same as --host"),
+    _Option("metrics_buckets", "--metrics-buckets", _buckets,
+            "upper bounds in seconds of the latency histograms, comma-separated and increasing", "S,S,...",
+            default_text="10us to 10s in 1-2.5-5 steps"),
     _Option("device", "--device", str, "execution device: auto (CUDA if it really works, else CPU), cuda, cpu",
             choices=DEVICES),
     _Option("device_id", "--device-id", int, "CUDA device ordinal", "N"),
@@ -73,6 +86,24 @@ OPTIONS: tuple[_Option, ...] = (
             "seconds to finish accepted requests after SIGTERM/SIGINT", "SECONDS"),
     _Option("max_message_bytes", "--max-message-bytes", int,
             "largest gRPC message received or sent (larger: RESOURCE_EXHAUSTED)", "BYTES"),
+    _Option("max_request_rows", "--max-request-rows", int,
+            "most rows in one request to a batched model, whatever its max_batch_size", "ROWS"),
+    _Option("max_tensor_dims", "--max-tensor-dims", int, "most dimensions of one request tensor", "N"),
+    _Option("max_tensor_elements", "--max-tensor-elements", int,
+            "most elements of one request tensor (and largest single dimension)", "N"),
+    _Option("max_inputs_per_request", "--max-inputs-per-request", int,
+            "most inputs (and raw contents entries, and requested outputs) in one request", "N"),
+    _Option("max_concurrent_streams", "--max-concurrent-streams", int,
+            "most calls in flight on one client connection (HTTP/2); the excess is refused (UNAVAILABLE)", "N"),
+    _Option("tls_cert", "--tls-cert", Path, "PEM server certificate (chain): serve gRPC over TLS (with --tls-key)",
+            "FILE"),
+    _Option("tls_key", "--tls-key", Path, "PEM private key of --tls-cert", "FILE"),
+    _Option("tls_client_ca", "--tls-client-ca", Path,
+            "PEM CA bundle: require client certificates it signed (mutual TLS)", "FILE"),
+    _Option("auth_token_file", "--auth-token-file", Path,
+            "require 'authorization: Bearer <token>': file of 'TOKEN SCOPES [NAME]' lines, scopes "
+            "infer,metadata,repository or *; grpc.health.v1 stays open (inline alternative: env NNSERVE_AUTH_TOKENS)",
+            "FILE"),
     _Option("intra_op_threads", "--intra-op-threads", int,
             "default onnxruntime intra-op threads per session (0: onnxruntime's choice)", "N"),
     _Option("inter_op_threads", "--inter-op-threads", int,
@@ -83,6 +114,12 @@ OPTIONS: tuple[_Option, ...] = (
             "default for models whose config.json does not say: merge concurrent requests (true/false)", "BOOL"),
     _Option("max_batch_size", "--max-batch-size", int,
             "default max_batch_size for batchable models whose config.json does not set one", "ROWS"),
+    _Option("batch_delay_mode", "--batch-delay-mode", str,
+            "default dynamic_batching.delay_mode: adaptive (wait only when measured to pay, within "
+            "max_queue_delay_us) or fixed (Triton's fixed window)", choices=("adaptive", "fixed")),
+    _Option("workers", "--workers", int,
+            "server processes sharing the gRPC port (SO_REUSEPORT), each batching on its own; N > 1 runs a "
+            "supervisor that forwards SIGTERM and serves the merged metrics", "N"),
 )
 
 
@@ -97,6 +134,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default = _DEFAULTS[option.field]
         if default is dataclasses.MISSING:
             suffix = " (required)"
+        elif option.default_text is not None:
+            suffix = f" (default: {option.default_text})"
         else:
             suffix = f" (default: {'off' if default is None else default})"
         parser.add_argument(
@@ -129,6 +168,8 @@ def settings_from(args: argparse.Namespace, environ: Mapping[str, str] | None = 
         values[option.field] = value
     if "model_repository" not in values:
         raise ValueError("--model-repository (or NNSERVE_MODEL_REPOSITORY) is required")
+    if _AUTH_TOKENS_ENV in environ:  # environment only: a secret on the command line is visible to `ps`
+        values["auth_tokens"] = environ[_AUTH_TOKENS_ENV]
     return ServerSettings(**values)
 
 
@@ -141,6 +182,14 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         sys.stderr.write(f"nnserve serve: error: {exc}\n")
         return 2
+    if settings.workers > 1:
+        from nnserve.server.workers import SupervisorError, supervise
+
+        try:
+            return supervise(settings)
+        except SupervisorError as exc:
+            log.critical("%s", exc)
+            return 1
     try:
         return asyncio.run(serve(settings))
     except (StartupError, ServingError) as exc:

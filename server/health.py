@@ -1,8 +1,11 @@
 """grpc.health.v1.Health for Kubernetes gRPC probes: "" is the server, and each model has its own name.
 
 "" is SERVING once start-up loading is done and the server is ready (strict readiness: every
-model ready), NOT_SERVING while loading or draining. A model name is SERVING while some
-version of it is ready. On shutdown everything turns NOT_SERVING for good.
+model ready), NOT_SERVING while loading or draining: the readiness probe. A model name is
+SERVING while some version of it is ready. "liveness" is SERVING for as long as the process
+serves gRPC at all, loading and draining included, so a liveness probe never restarts a pod
+for a broken model or in the middle of a drain. On shutdown everything but "liveness" turns
+NOT_SERVING for good.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from nnserve.server.repository import ModelEntry, ModelState
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 SERVICE_NAME: str = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+LIVENESS: str = "liveness"
 
 
 class HealthReporter:
@@ -23,18 +27,28 @@ class HealthReporter:
     def __init__(self) -> None:
         self.servicer = health_aio.HealthServicer()
         self._shutting_down = False
+        self._names: set[str] = {""}
 
     def add_to_server(self, server: object) -> None:
         health_pb2_grpc.add_HealthServicer_to_server(self.servicer, server)
 
+    async def set_alive(self) -> None:
+        await self.servicer.set(LIVENESS, SERVING)
+
     async def set_server(self, serving: bool) -> None:
+        if self._shutting_down:
+            return
         await self.servicer.set("", SERVING if serving else NOT_SERVING)
 
     async def on_model_change(self, entry: ModelEntry) -> None:
         """Repository listener: keep the model's own health status in step with its state."""
+        if self._shutting_down:
+            return
+        self._names.add(entry.name)
         await self.servicer.set(entry.name, SERVING if entry.state is ModelState.READY else NOT_SERVING)
 
     async def shutdown(self) -> None:
-        """NOT_SERVING for every name, permanently (load balancers stop routing here)."""
+        """NOT_SERVING for the server and every model, permanently (load balancers stop routing here)."""
         self._shutting_down = True
-        await self.servicer.enter_graceful_shutdown()
+        for name in sorted(self._names):
+            await self.servicer.set(name, NOT_SERVING)

@@ -20,7 +20,9 @@ Schema (JSON)::
         "enabled": true,
         "max_queue_delay_us": 500,
         "preferred_batch_sizes": [8, 16],
-        "max_queue_size": 1024
+        "max_queue_size": 1024,
+        "delay_mode": "adaptive",           # adaptive | fixed (default: the server's --batch-delay-mode)
+        "inline_max_compute_us": 50         # run batches on the event loop below this compute time; 0: never
       }
     }
 """
@@ -51,7 +53,9 @@ _TOP_KEYS = (
     "instances",
     "dynamic_batching",
 )
-_BATCHING_KEYS = ("enabled", "max_queue_delay_us", "preferred_batch_sizes", "max_queue_size")
+_BATCHING_KEYS = (
+    "enabled", "max_queue_delay_us", "preferred_batch_sizes", "max_queue_size", "delay_mode", "inline_max_compute_us"
+)
 
 
 class ModelConfigError(ValueError):
@@ -92,6 +96,8 @@ class DynamicBatchingConfig:
     max_queue_delay_us: int | None = None
     preferred_batch_sizes: tuple[int, ...] | None = None
     max_queue_size: int | None = None
+    delay_mode: str | None = None
+    inline_max_compute_us: int | None = None
 
 
 @dataclass(frozen=True)
@@ -232,4 +238,15 @@ def _batching(value: Any, source: str) -> DynamicBatchingConfig:
                                 prefix="dynamic_batching."),
         preferred_batch_sizes=preferred,
         max_queue_size=_int(value, "max_queue_size", source, minimum=1, maximum=1 << 20, prefix="dynamic_batching."),
+        delay_mode=_delay_mode(value.get("delay_mode"), source),
+        inline_max_compute_us=_int(value, "inline_max_compute_us", source, minimum=0, maximum=1_000_000,
+                                   prefix="dynamic_batching."),
+    )
+
+
+def _delay_mode(value: Any, source: str) -> str | None:
+    if value is None or value in ("fixed", "adaptive"):
+        return value
+    raise ModelConfigError(
+        f"{source}: key 'dynamic_batching.delay_mode': expected one of ['adaptive', 'fixed'], found {value!r}"
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import stat
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -26,7 +27,7 @@ from nnserve.server.errors import (
     ModelNotReadyError,
 )
 from nnserve.server.executor import Executor, make_executor
-from nnserve.server.model_config import ModelConfig, ModelConfigError, load_model_config
+from nnserve.server.model_config import CONFIG_FILENAME, ModelConfig, ModelConfigError, load_model_config
 from nnserve.server.runner import MODEL_FILENAME, ModelRunner, RunnerOptions
 from nnserve.server.settings import ServerSettings
 from nnserve.server.statistics import StatisticsRecorder
@@ -229,6 +230,9 @@ class ModelRepository:
                 pass  # recorded in the entry and logged
             except ModelNotFoundError:
                 self._models.pop(name, None)  # removed from disk while starting
+            except Exception as exc:  # an error nobody foresaw fails this model only; the others still load
+                log.exception("model '%s' failed to load unexpectedly", name)
+                self._models[name] = ModelEntry(name, reason=f"unexpected error while loading: {exc}")
         self.startup_complete = True
 
     async def load(self, name: str) -> ModelEntry:
@@ -307,10 +311,15 @@ class ModelRepository:
         """Load every version the policy selects; never raises for a model's own problems."""
         if not self._inside_root(model_dir):
             return self._failed(name, None, f"{name} is a symlink that leads outside the model repository")
+        if not self._inside_root(model_dir / CONFIG_FILENAME):
+            return self._failed(name, None, f"{name}/{CONFIG_FILENAME} is a symlink that leads outside the model "
+                                            "repository")
         try:
             config = load_model_config(model_dir)
         except ModelConfigError as exc:
             return self._failed(name, None, str(exc))
+        except OSError as exc:  # e.g. the model directory itself cannot be searched
+            return self._failed(name, None, f"{name}/{CONFIG_FILENAME} cannot be read: {exc.strerror or exc}")
         try:
             available = {
                 int(child.name): child
@@ -343,14 +352,17 @@ class ModelRepository:
         return ModelEntry(name, {}, config, reason=reason)
 
     async def _load_version(self, name: str, version: int, path: Path, config: ModelConfig) -> ServedVersion:
-        if not path.is_file():
-            raise ModelLoadError(f"{name}/{version}/{MODEL_FILENAME} does not exist")
+        problem = _file_problem(path)
+        if problem is not None:
+            raise ModelLoadError(f"{name}/{version}/{MODEL_FILENAME} {problem}")
         if not self._inside_root(path):
             raise ModelLoadError(f"{name}/{version}/{MODEL_FILENAME} is a symlink that leads outside the repository")
         options = self._runner_options(config)
         runner = await asyncio.to_thread(ModelRunner.load, name, version, path, options)
         batching = self._batching_settings(name, config, runner)
-        recorder = self._recorders.setdefault((name, version), StatisticsRecorder(name, version))
+        recorder = self._recorders.setdefault(
+            (name, version), StatisticsRecorder(name, version, self._settings.metrics_buckets)
+        )
         executor = make_executor(
             runner.run,
             batched=runner.batched,
@@ -387,7 +399,10 @@ class ModelRepository:
             "enabled": self._settings.dynamic_batching if batching.enabled is None else batching.enabled,
             "max_batch_size": max(runner.signature.max_batch_size, 1),
             "instances": config.instances,
+            "delay_mode": batching.delay_mode or self._settings.batch_delay_mode,
         }
+        if batching.inline_max_compute_us is not None:
+            overrides["inline_max_compute_us"] = batching.inline_max_compute_us
         if batching.max_queue_delay_us is not None:
             overrides["max_queue_delay_us"] = batching.max_queue_delay_us
         if batching.preferred_batch_sizes is not None:
@@ -431,13 +446,34 @@ def _human_bytes(count: int) -> str:
     return f"{count} B"  # pragma: no cover
 
 
+def _file_problem(path: Path) -> str | None:
+    """Why a model path cannot be opened as a file, in words; None for a regular file.
+
+    `Path.is_file()` says only "no", and raises PermissionError (it swallows only "not found") where a directory
+    on the way cannot be searched, which would stop the whole start-up.
+    """
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "is a symlink to a file that does not exist" if path.is_symlink() else "does not exist"
+    except PermissionError:
+        return "cannot be read: permission denied"
+    except OSError as exc:
+        return f"cannot be read: {exc.strerror or exc}"
+    if not stat.S_ISREG(mode):
+        return "is a directory, not a file" if stat.S_ISDIR(mode) else "is not a regular file"
+    try:
+        with path.open("rb"):  # onnxruntime would say only "system error number 13"
+            return None
+    except PermissionError:
+        return "cannot be read: permission denied"
+    except OSError as exc:
+        return f"cannot be read: {exc.strerror or exc}"
+
+
 def _parse_version(text: str) -> int | None:
     return int(text) if _VERSION_RE.fullmatch(text) else None
 
 
 def _execution_recorder(recorder: StatisticsRecorder) -> Callable[[BatchStats], None]:
-    def on_batch(stats: BatchStats) -> None:
-        if stats.succeeded:
-            recorder.record_execution(stats.rows, int(stats.compute_seconds * 1e9))
-
-    return on_batch
+    return recorder.on_batch  # executions, batch sizes and batch collection waits

@@ -19,7 +19,9 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from nnserve.server import cpu_quota
 from nnserve.server.errors import DeviceUnavailableError, ExecutionError, ModelLoadError
+from nnserve.server.model_facts import provider_fallback_reason, read_model_header
 from nnserve.server.providers import CUDA, create_session, session_options
 from nnserve.server.tensors import ORT_DATATYPES, Signature, TensorSpec
 
@@ -41,6 +43,11 @@ class ModelFacts:
     builder_version: str = ""
     layers: tuple[dict[str, Any], ...] = ()
     metadata: dict[str, str] = field(default_factory=dict)
+    opset: int | None = None
+    """The default (ai.onnx) domain's opset the graph imports."""
+    ir_version: int | None = None
+    dtype: str = ""
+    """The builder's dtype (float32, float16, float64); empty for models it did not build."""
 
 
 @dataclass(frozen=True)
@@ -50,11 +57,15 @@ class RunnerOptions:
     device: str = "auto"
     device_id: int = 0
     intra_op_threads: int = 0
+    """0: every CPU the container's quota allows (`cpu_quota.intra_op_threads`), not onnxruntime's host-core count."""
     inter_op_threads: int = 0
     graph_optimization_level: str = "all"
     max_batch_size: int | None = None
     """None: the default below when the model has a dynamic batch dimension, else 0."""
     default_max_batch_size: int = 64
+    intra_op_spinning: bool = False
+    """Let onnxruntime's intra-op threads busy-wait for work after a run (its default). Off here: a spinning pool
+    burns the CPU that the event loop (and, on small machines, the clients) need between batches."""
     io_binding: bool | None = None
     """None: bind outputs to preallocated host buffers on CUDA only; True/False force it (tests use True on CPU)."""
 
@@ -82,6 +93,9 @@ class ModelRunner:
         max_batch_size = _max_batch_size(name, inputs, outputs, options)
         self.signature = Signature(name, inputs, outputs, max_batch_size)
         self.facts = _facts(session, path)
+        self.requested_device = options.device
+        self.provider_fallback = provider_fallback_reason(options.device, provider, options.device_id)
+        """Why a model that could have had CUDA runs on another provider; "" when there is no fallback."""
         self._output_names = list(self.signature.output_names)
         use_binding = options.io_binding if options.io_binding is not None else provider == CUDA
         self._use_io_binding = use_binding
@@ -91,10 +105,11 @@ class ModelRunner:
     def load(cls, name: str, version: int, path: Path, options: RunnerOptions) -> ModelRunner:
         """Create the session; ModelLoadError (or DeviceUnavailableError) with a clean reason on failure."""
         so = session_options(
-            intra_op_threads=options.intra_op_threads,
+            intra_op_threads=options.intra_op_threads or cpu_quota.intra_op_threads(),
             inter_op_threads=options.inter_op_threads,
             optimization_level=options.graph_optimization_level,
         )
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1" if options.intra_op_spinning else "0")
         label = f"'{name}' version {version}"
         try:
             session, provider = create_session(
@@ -105,7 +120,12 @@ class ModelRunner:
         except Exception as exc:
             log.debug("onnxruntime failed to load %s", path, exc_info=True)
             raise ModelLoadError(f"{name}/{version}/{path.name}: {_clean_ort_error(exc)}") from None
-        return cls(name, version, path, session, provider, options)
+        runner = cls(name, version, path, session, provider, options)
+        if runner.provider_fallback:
+            # One warning line per process already gives the reason; this marks each model it affects.
+            log.info("model %s: CPU fallback, runs on %s although device '%s' could have used the GPU",
+                     label, provider, options.device)
+        return runner
 
     @property
     def batched(self) -> bool:
@@ -200,6 +220,7 @@ def _facts(session: ort.InferenceSession, path: Path) -> ModelFacts:
     parameters, weight_bytes = number("nnserve.parameter_count"), number("nnserve.weight_bytes")
     if parameters is None or weight_bytes is None:
         parameters, weight_bytes = _count_initializers(path)
+    header = read_model_header(path)
     return ModelFacts(
         parameter_count=parameters,
         weight_bytes=weight_bytes,
@@ -208,6 +229,9 @@ def _facts(session: ort.InferenceSession, path: Path) -> ModelFacts:
         builder_version=metadata.get("nnserve.builder_version", ""),
         layers=layers,
         metadata=metadata,
+        opset=header.opset,
+        ir_version=header.ir_version,
+        dtype=metadata.get("nnserve.dtype", ""),
     )
 
 

@@ -8,11 +8,10 @@ subclasses and never imports grpc. Responses that only change when a model is (r
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from typing import Any
 
 import grpc
@@ -34,11 +33,15 @@ from nnserve.server.errors import (
     ServerUnavailableError,
     ServingError,
 )
+from nnserve.server.limits import MIN_RETRY_AFTER_MS, RequestLimits, client_message, retry_after_ms, retry_trailers
+from nnserve.server.model_facts import config_parameters
 from nnserve.server.providers import CUDA
 from nnserve.server.repository import ModelRepository, ServedVersion
 from nnserve.server.runner import MODEL_FILENAME, PLATFORM
 from nnserve.server.settings import ServerSettings
+from nnserve.server.statistics import UnroutedRequests, unrouted_labels
 from nnserve.server.tensors import decode_inputs, encode_outputs, requested_outputs
+from nnserve.server.timing import TIMING_PARAMETER, RequestTiming, timing_requested, write_timing
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +64,7 @@ STATUS_CODES: dict[type[ServingError], grpc.StatusCode] = {
 # Failure labels for statistics (and the metrics issue's `reason` label).
 FAILURE_REASONS: dict[type[ServingError], str] = {
     InvalidInputError: "invalid",
+    ModelNotFoundError: "not_found",
     ModelNotReadyError: "not_ready",
     QueueFullError: "rejected",
     DeadlineExpiredError: "deadline",
@@ -95,8 +99,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, repository: ModelRepository, settings: ServerSettings) -> None:
         self._repository = repository
         self._settings = settings
+        self._limits = RequestLimits.from_settings(settings)
+        self.unrouted = UnroutedRequests()
+        """Requests that failed before reaching a served version (for the metrics)."""
         self._draining = False
         self._inflight = 0
+        self.accepted_total = 0
+        """Inference requests accepted since the start (past the drain check); logged at shutdown."""
         self._idle = asyncio.Event()
         self._idle.set()
         self._metadata_cache: weakref.WeakKeyDictionary[ServedVersion, pb.ModelMetadataResponse] = (
@@ -183,7 +192,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 if not served:
                     raise ModelNotFoundError(f"model '{request.name}' has no ready version {request.version!r}")
         except ServingError as exc:
-            await context.abort(status_code(exc), str(exc))
+            await context.abort(status_code(exc), client_message(str(exc)))
         return pb.ModelStatisticsResponse(model_stats=[_statistics_proto(s) for s in served])
 
     # -- repository ----------------------------------------------------------------------------------------
@@ -205,7 +214,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             self._check_repository_control("load", request.parameters, allowed=())
             await self._repository.load(request.model_name)
         except ServingError as exc:
-            await context.abort(status_code(exc), str(exc))
+            await context.abort(status_code(exc), client_message(str(exc)))
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(
@@ -215,7 +224,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             self._check_repository_control("unload", request.parameters, allowed=("unload_dependents",))
             await self._repository.unload(request.model_name)
         except ServingError as exc:
-            await context.abort(status_code(exc), str(exc))
+            await context.abort(status_code(exc), client_message(str(exc)))
         return pb.RepositoryModelUnloadResponse()
 
     # -- inference -------------------------------------------------------------------------------------------
@@ -223,12 +232,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
         started = time.perf_counter_ns()
         if self._draining:
+            self._record_unrouted(request, "unavailable")
             await context.abort(grpc.StatusCode.UNAVAILABLE, _SHUTTING_DOWN)
         self._enter()
         try:
             return await self._infer(request, context.time_remaining(), started)
+        except QueueFullError as exc:
+            hint = self._retry_after_ms(request)
+            await context.abort(status_code(exc), client_message(f"{exc} (retry after ~{hint} ms)"),
+                                retry_trailers(hint))
         except ServingError as exc:
-            await context.abort(status_code(exc), str(exc))
+            await context.abort(status_code(exc), client_message(str(exc)))
         except Exception:
             log.exception("ModelInfer for model %r failed unexpectedly", request.model_name)
             await context.abort(grpc.StatusCode.INTERNAL, _INTERNAL_MESSAGE)
@@ -266,12 +280,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def _stream_one(self, request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
         started = time.perf_counter_ns()
         if self._draining:
+            self._record_unrouted(request, "unavailable")
             return _stream_error(request, _SHUTTING_DOWN)
         self._enter()
         try:
             return pb.ModelStreamInferResponse(infer_response=await self._infer(request, None, started))
+        except QueueFullError as exc:
+            return _stream_error(request, client_message(f"{exc} (retry after ~{self._retry_after_ms(request)} ms)"))
         except ServingError as exc:
-            return _stream_error(request, str(exc))
+            return _stream_error(request, client_message(str(exc)))
         except Exception:
             log.exception("ModelStreamInfer for model %r failed unexpectedly", request.model_name)
             return _stream_error(request, _INTERNAL_MESSAGE)
@@ -282,12 +299,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelInferRequest, time_remaining: float | None, started: int
     ) -> pb.ModelInferResponse:
         """The request path shared by unary and streaming inference; records statistics."""
-        served = self._repository.get(request.model_name, request.model_version)
+        expires = None if time_remaining is None else time.monotonic() + time_remaining
+        try:
+            served = self._repository.get(request.model_name, request.model_version)
+        except ServingError as exc:
+            self._record_unrouted(request, failure_reason(exc))
+            raise
         stats = served.stats
         signature = served.runner.signature
         try:
-            inputs, rows = decode_inputs(request, signature)
-            names = requested_outputs(request, signature)
+            inputs, rows = decode_inputs(request, signature, self._limits)
+            names = requested_outputs(request, signature, self._limits)
             decoded = time.perf_counter_ns()
             deadline = None if time_remaining is None else time.monotonic() + time_remaining
             outcome = await served.executor.submit(inputs, deadline=deadline)
@@ -307,23 +329,33 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             stats.record_failure(failure_reason(exc), time.perf_counter_ns() - started)
             raise
         except asyncio.CancelledError:
-            stats.record_failure("cancelled", time.perf_counter_ns() - started)
+            # gRPC cancels the handler when the caller's deadline passes, often before the batcher's timer fires.
+            expired = expires is not None and time.monotonic() >= expires
+            stats.record_failure("deadline" if expired else "cancelled", time.perf_counter_ns() - started)
+            raise
+        except Exception:
+            stats.record_failure("internal", time.perf_counter_ns() - started)
             raise
         done = time.perf_counter_ns()
-        stats.record_success(
-            rows or 1,
+        timing = RequestTiming(
             total_ns=done - started,
             queue_ns=int(outcome.queue_seconds * 1e9),
             input_ns=decoded - started,
             infer_ns=int(outcome.compute_seconds * 1e9),
             output_ns=done - computed,
+            batch_rows=outcome.batch_rows,
+            batch_requests=outcome.batch_requests,
         )
+        stats.record_success(rows or 1, timing)
+        if TIMING_PARAMETER in request.parameters and timing_requested(request.parameters):
+            write_timing(response.parameters, timing, served.runner.provider)
         return response
 
     # -- helpers -----------------------------------------------------------------------------------------------
 
     def _enter(self) -> None:
         self._inflight += 1
+        self.accepted_total += 1
         self._idle.clear()
 
     def _leave(self) -> None:
@@ -331,12 +363,27 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if self._inflight == 0:
             self._idle.set()
 
+    def _record_unrouted(self, request: pb.ModelInferRequest, reason: str) -> None:
+        """Count a request that never reached a version, under label values the repository bounds."""
+        try:
+            versions: Collection[int] | None = self._repository.entry(request.model_name).versions
+        except ServingError:
+            versions = None
+        self.unrouted.record(*unrouted_labels(request.model_name, request.model_version, versions), reason)
+
     async def _lookup(self, name: str, version: str, context: Any) -> ServedVersion:
         try:
             return self._repository.get(name, version)
         except ServingError as exc:
-            await context.abort(status_code(exc), str(exc))
+            await context.abort(status_code(exc), client_message(str(exc)))
         raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
+
+    def _retry_after_ms(self, request: pb.ModelInferRequest) -> int:
+        """The retry hint for a request its model's full queue refused (see `limits.retry_after_ms`)."""
+        try:
+            return retry_after_ms(self._repository.get(request.model_name, request.model_version))
+        except ServingError:
+            return MIN_RETRY_AFTER_MS
 
     def _check_repository_control(self, action: str, parameters: Any, allowed: tuple[str, ...]) -> None:
         if self._settings.model_control != "explicit":
@@ -402,21 +449,7 @@ def build_model_config(served: ServedVersion) -> mc.ModelConfig:
     )
     if on_gpu:
         group.gpus.append(runner.device_id)
-    facts = runner.facts
-    parameters = {
-        "execution_provider": runner.provider,
-        "parameter_count": str(facts.parameter_count),
-        "weight_bytes": str(facts.weight_bytes),
-        "version": served.version_text,
-    }
-    if facts.flops_per_sample is not None:
-        parameters["flops_per_sample"] = str(facts.flops_per_sample)
-    if facts.spec_sha256:
-        parameters["spec_sha256"] = facts.spec_sha256
-    if facts.builder_version:
-        parameters["builder_version"] = facts.builder_version
-    if facts.layers:
-        parameters["layers"] = json.dumps(list(facts.layers), separators=(",", ":"))
+    parameters = config_parameters(runner, served.version_text)
     for key, value in parameters.items():
         config.parameters[key].string_value = value
     return config
@@ -428,6 +461,11 @@ def _data_type(datatype: str) -> int:
 
 def _statistics_proto(served: ServedVersion) -> pb.ModelStatistics:
     s = served.stats
+    runner = served.runner
+    on_gpu = runner.provider == CUDA
+    # Triton reports the memory a model took at load; nnserve knows its weights, a lower bound.
+    memory = pb.MemoryUsage(type="GPU" if on_gpu else "CPU", id=runner.device_id if on_gpu else 0,
+                            byte_size=runner.facts.weight_bytes)
 
     def duration(d: Any) -> pb.StatisticDuration:
         return pb.StatisticDuration(count=d.count, ns=d.ns)
@@ -455,6 +493,7 @@ def _statistics_proto(served: ServedVersion) -> pb.ModelStatistics:
             )
             for size, b in sorted(s.batches.items())
         ],
+        memory_usage=[memory],
     )
 
 

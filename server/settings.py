@@ -7,9 +7,11 @@ model-related defaults here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
+
+from nnserve.server.statistics import DEFAULT_LATENCY_BUCKETS_S, validate_buckets
 
 Device = Literal["auto", "cuda", "cpu"]
 ModelControl = Literal["none", "explicit"]
@@ -38,6 +40,13 @@ class ServerSettings:
     metrics_port: int | None = 8002
     """Prometheus `/metrics` HTTP port (Triton's default); None disables it, 0 picks a free port."""
 
+    metrics_host: str | None = None
+    """Interface the `/metrics` listener binds; None: the same as `host` (e.g. gRPC public, metrics on 127.0.0.1)."""
+
+    metrics_buckets: tuple[float, ...] = DEFAULT_LATENCY_BUCKETS_S
+    """Upper bounds in seconds of the latency histograms (request, stages, batch collection); the default spans
+    10 us to 10 s. Every replica of a deployment should use the same bounds, so that their histograms add up."""
+
     device: Device = "auto"
     """Default execution device: `auto` uses CUDA only when a session really gets it, else CPU."""
 
@@ -57,6 +66,38 @@ class ServerSettings:
     max_message_bytes: int = 64 * MiB
     """Largest gRPC message received or sent; larger ones fail with RESOURCE_EXHAUSTED."""
 
+    max_request_rows: int = 1 << 16
+    """Most rows (dimension 0) of one request to a batched model, whatever a model's max_batch_size allows."""
+
+    max_tensor_dims: int = 16
+    """Most dimensions of one request tensor's shape."""
+
+    max_tensor_elements: int = 1 << 26
+    """Most elements of one request tensor, and the largest single dimension (64 Mi: a 64 MiB message of bytes)."""
+
+    max_inputs_per_request: int = 64
+    """Most inputs (and raw_input_contents entries, and requested outputs) in one request."""
+
+    max_concurrent_streams: int = 1024
+    """Most calls in flight on one client connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS). gRPC clients do not
+    queue beyond it: the server refuses the excess (REFUSED_STREAM), which a client sees as UNAVAILABLE, retryable.
+    1024 matches the default max_queue_size, so only a connection that alone could fill a model's queue is held back."""
+
+    tls_cert: Path | None = None
+    """PEM certificate (chain) of the server; with tls_key, the gRPC port speaks TLS only."""
+
+    tls_key: Path | None = None
+    """PEM private key of tls_cert."""
+
+    tls_client_ca: Path | None = None
+    """PEM CA bundle: when set, clients must present a certificate it signed (mutual TLS)."""
+
+    auth_token_file: Path | None = None
+    """File of `token scopes [name]` lines; when set (or auth_tokens), calls need `authorization: Bearer <token>`."""
+
+    auth_tokens: str | None = field(default=None, repr=False)
+    """The same lines inline (environment NNSERVE_AUTH_TOKENS only, `;` separates entries); never shown in repr."""
+
     intra_op_threads: int = 0
     """Default onnxruntime intra-op threads per session (0: onnxruntime's choice)."""
 
@@ -72,6 +113,18 @@ class ServerSettings:
     max_batch_size: int = 64
     """Default rows per request and per batch for models with a dynamic batch dimension and no config value."""
 
+    batch_delay_mode: str = "adaptive"
+    """Default `dynamic_batching.delay_mode` for models whose config.json does not say: `adaptive` (wait for more
+    rows only while measurements say it pays, within max_queue_delay_us) or `fixed` (Triton's fixed window)."""
+
+    workers: int = 1
+    """Server processes sharing the gRPC port (SO_REUSEPORT), each loading every model and batching on its own.
+    1 serves from this process; N > 1 makes this process a supervisor of N workers (`nnserve.server.workers`)."""
+
+    reuse_port: bool = False
+    """Bind the gRPC port with SO_REUSEPORT, sharing it with the other workers; set by the supervisor for its
+    workers only, so that a lone server fails loudly when another process holds its port."""
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_repository", Path(self.model_repository))
         _check_choice("device", self.device, DEVICES)
@@ -80,6 +133,9 @@ class ServerSettings:
         _check_port("grpc_port", self.grpc_port)
         if self.metrics_port is not None:
             _check_port("metrics_port", self.metrics_port)
+        if self.metrics_host is not None and not self.metrics_host:
+            raise ValueError("metrics_host must not be empty (leave it unset to use host)")
+        object.__setattr__(self, "metrics_buckets", validate_buckets(self.metrics_buckets))
         for name in ("device_id", "intra_op_threads", "inter_op_threads"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -94,6 +150,31 @@ class ServerSettings:
             )
         if not self.host:
             raise ValueError("host must not be empty (use 0.0.0.0 for every interface)")
+        self._check_limits_and_security()
+        _check_choice("batch_delay_mode", self.batch_delay_mode, ("fixed", "adaptive"))
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or not 1 <= self.workers <= 256:
+            raise ValueError(f"workers must be an integer in [1, 256], got {self.workers!r}")
+
+    def _check_limits_and_security(self) -> None:
+        for name, low, high in (
+            ("max_request_rows", 1, 1 << 40),
+            ("max_tensor_dims", 1, 1024),
+            ("max_tensor_elements", 1, 1 << 50),
+            ("max_inputs_per_request", 1, 1 << 16),
+            ("max_concurrent_streams", 1, 2**31 - 1),
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
+        for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, Path(getattr(self, name)))
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("TLS needs both tls_cert and tls_key (--tls-cert and --tls-key)")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key as well")
+        if self.auth_token_file is not None and self.auth_tokens is not None:
+            raise ValueError("set auth_token_file (--auth-token-file) or auth_tokens (NNSERVE_AUTH_TOKENS), not both")
 
     @property
     def grpc_address(self) -> str:

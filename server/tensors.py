@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from nnserve.server.errors import InvalidInputError
+from nnserve.server.limits import DEFAULT_LIMITS, RequestLimits, clip
 
 # Protocol datatype -> numpy dtype (little-endian, as the protocol's raw contents are).
 DATATYPES: dict[str, np.dtype[Any]] = {
@@ -111,11 +112,14 @@ def shape_text(shape: Sequence[int]) -> str:
     return "[" + ", ".join(str(d) for d in shape) + "]"
 
 
-def decode_inputs(request: Any, signature: Signature) -> tuple[dict[str, np.ndarray], int]:
+def decode_inputs(
+    request: Any, signature: Signature, limits: RequestLimits = DEFAULT_LIMITS
+) -> tuple[dict[str, np.ndarray], int]:
     """Validated numpy arrays for a ModelInferRequest's inputs, and the batch rows (0 when not batching)."""
     tensors = request.inputs
     raw = request.raw_input_contents
     model = signature.model
+    limits.check_counts(len(tensors), len(raw), len(request.outputs))
     if len(tensors) != len(signature.inputs) or any(t.name not in signature.inputs_by_name for t in tensors):
         _explain_input_names(tensors, signature)
     if raw and len(raw) != len(tensors):
@@ -130,10 +134,10 @@ def decode_inputs(request: Any, signature: Signature) -> tuple[dict[str, np.ndar
         if tensor.datatype != spec.datatype:
             raise InvalidInputError(
                 f"input '{spec.name}' of model '{model}' has datatype {spec.datatype}, "
-                f"but the request says {tensor.datatype or '(empty)'}"
+                f"but the request says {clip(tensor.datatype) or '(empty)'}"
             )
         shape = tuple(tensor.shape)
-        count = _check_shape(spec, shape, signature)
+        count = _check_shape(spec, shape, signature, limits)
         if raw:
             if _has_contents(tensor):
                 raise InvalidInputError(
@@ -154,19 +158,20 @@ def decode_inputs(request: Any, signature: Signature) -> tuple[dict[str, np.ndar
     return arrays, max(rows, 0)
 
 
-def requested_outputs(request: Any, signature: Signature) -> tuple[str, ...]:
+def requested_outputs(request: Any, signature: Signature, limits: RequestLimits = DEFAULT_LIMITS) -> tuple[str, ...]:
     """Names of the outputs to return: the request's selection (validated), else all."""
     if not request.outputs:
         return signature.output_names
+    limits.check_counts(0, 0, len(request.outputs))
     names = tuple(o.name for o in request.outputs)
     for name in names:
         if name not in signature.outputs_by_name:
             raise InvalidInputError(
-                f"unknown output '{name}' requested; model '{signature.model}' has outputs "
+                f"unknown output {clip(name)!r} requested; model '{signature.model}' has outputs "
                 f"{list(signature.output_names)}"
             )
     if len(set(names)) != len(names):
-        raise InvalidInputError(f"output names requested more than once: {list(names)}")
+        raise InvalidInputError(f"output names requested more than once: {[clip(n) for n in names]}")
     return names
 
 
@@ -200,22 +205,26 @@ def _explain_input_names(tensors: Sequence[Any], signature: Signature) -> None:
     model = signature.model
     duplicates = sorted({n for n in given if given.count(n) > 1})
     if duplicates:
-        raise InvalidInputError(f"input {duplicates[0]!r} appears more than once in the request")
+        raise InvalidInputError(f"input {clip(duplicates[0])!r} appears more than once in the request")
     unknown = [n for n in given if n not in signature.inputs_by_name]
     missing = [n for n in expected if n not in given]
     if unknown and missing:
         raise InvalidInputError(
-            f"unknown input {unknown[0]!r} and missing input {missing[0]!r}; model '{model}' expects inputs {expected}"
+            f"unknown input {clip(unknown[0])!r} and missing input {missing[0]!r}; model '{model}' expects inputs "
+            f"{expected}"
         )
     if unknown:
-        raise InvalidInputError(f"unknown input {unknown[0]!r}; model '{model}' expects inputs {expected}")
+        raise InvalidInputError(f"unknown input {clip(unknown[0])!r}; model '{model}' expects inputs {expected}")
     if missing:
         raise InvalidInputError(f"missing input {missing[0]!r}; model '{model}' expects inputs {expected}")
-    raise InvalidInputError(f"model '{model}' expects inputs {expected}, the request has {given}")
+    raise InvalidInputError(f"model '{model}' expects inputs {expected}, the request has {[clip(n) for n in given]}")
 
 
-def _check_shape(spec: TensorSpec, shape: tuple[int, ...], signature: Signature) -> int:
+def _check_shape(
+    spec: TensorSpec, shape: tuple[int, ...], signature: Signature, limits: RequestLimits = DEFAULT_LIMITS
+) -> int:
     """Validate `shape` against the signature; return its element count."""
+    limits.check_shape(spec.name, shape)
     expected = spec.shape
     if len(shape) != len(expected):
         raise InvalidInputError(
@@ -241,6 +250,7 @@ def _check_shape(spec: TensorSpec, shape: tuple[int, ...], signature: Signature)
                 f"input '{spec.name}' has {rows} rows, more than max_batch_size {signature.max_batch_size} "
                 f"of model '{signature.model}'; split it into several requests"
             )
+        limits.check_rows(spec.name, rows, signature.model)
     count = 1
     for dim in shape:
         count *= dim

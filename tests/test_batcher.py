@@ -330,7 +330,7 @@ def test_request_whose_deadline_passes_during_the_batch_window_is_dropped() -> N
             await late
         return await kept
 
-    outcome = serve(model, scenario, max_queue_delay_us=150 * MS)
+    outcome = serve(model, scenario, max_queue_delay_us=150 * MS, delay_mode="fixed")
     assert model.seen_ids() == [1]
     assert outcome.batch_requests == 1
 
@@ -446,7 +446,7 @@ def test_zero_queue_delay_still_merges_requests_queued_while_the_instance_is_bus
     assert [outcome.batch_requests for outcome in outcomes] == [1] + [10] * 10
 
 
-def test_lone_request_waits_about_max_queue_delay_for_companions() -> None:
+def test_fixed_mode_lone_request_waits_about_max_queue_delay_for_companions() -> None:
     model = Model()
 
     async def scenario(batcher: DynamicBatcher) -> tuple[float, float]:
@@ -454,7 +454,7 @@ def test_lone_request_waits_about_max_queue_delay_for_companions() -> None:
         await submit_x(batcher, 0, 1)
         return started, time.monotonic()
 
-    started, finished = serve(model, scenario, max_queue_delay_us=200 * MS)
+    started, finished = serve(model, scenario, max_queue_delay_us=200 * MS, delay_mode="fixed")
     executed_after = model.started_at[0] - started
     assert executed_after >= 0.19, "the request ran before max_queue_delay passed"
     assert finished - started < 0.2 + 1.0, "the request waited far longer than max_queue_delay"
@@ -701,7 +701,7 @@ def test_every_batching_setting_has_a_docstring() -> None:
         return isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
 
     fields = [(i, node) for i, node in enumerate(body) if isinstance(node, ast.AnnAssign)]
-    assert len(fields) == 6
+    assert len(fields) == 8
     assert all(documented(i) for i, _ in fields)
 
 

@@ -33,7 +33,15 @@ from nnserve.client import (
     _codec,
 )
 from nnserve.protos import grpc_service_pb2 as pb
-from tests.conftest import RunningServer, ServeProcess, free_port, serve_process
+from tests.conftest import (
+    RunningServer,
+    ServeProcess,
+    free_port,
+    running_server,
+    serve_process,
+    slow_model,
+    write_model,
+)
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 SOFTMAX = "two_layer_softmax"
@@ -256,9 +264,17 @@ def test_a_bare_array_for_a_multi_input_model_is_rejected_before_sending() -> No
         _codec.name_inputs(np.ones(3), two)
 
 
-def test_an_expired_deadline_raises_deadline_exceeded(client: InferenceClient) -> None:
-    with pytest.raises(DeadlineExceededError) as caught:
-        client.infer(SOFTMAX, X, timeout=1e-6)
+def test_an_expired_deadline_raises_deadline_exceeded(tmp_path: Path) -> None:
+    # A model that computes for ~100 ms against a 5 ms deadline: the deadline passes whatever the scheduling.
+    # (A near-zero timeout is not deterministic: gRPC may still deliver and answer the call in time.)
+    write_model(tmp_path, "slow", slow_model(depth=256))
+    x = np.ones((64, 256), dtype=np.float32)
+    with (
+        running_server(tmp_path) as server,
+        InferenceClient(server.address, retry=None) as slow_client,
+        pytest.raises(DeadlineExceededError) as caught,
+    ):
+        slow_client.infer("slow", x, timeout=0.005)
     assert caught.value.code is grpc.StatusCode.DEADLINE_EXCEEDED
 
 

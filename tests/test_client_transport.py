@@ -1,30 +1,27 @@
 """The client's transport against real servers: retries while a server starts late, deadlines bounding retries,
 client-side round-robin across two `nnserve serve` processes (proven by their statistics), gzip and bearer tokens,
-TLS and mutual TLS with certificates generated in the test.
+TLS and mutual TLS (`nnserve serve --tls-*`) with certificates generated in the test.
 """
 
 from __future__ import annotations
 
 import asyncio
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import numpy as np
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from nnserve.builder import load_spec
 from nnserve.builder.reference import forward
 from nnserve.client import AsyncInferenceClient, InferenceClient, Keepalive, RetryPolicy, ServerUnavailableError
 from nnserve.client.connection import ConnectionSettings, call_metadata, channel_target
 from tests.conftest import RunningServer, ServeProcess, free_port, serve_command, serve_process, wait_for_health
+from tests.pki import Pki, make_pki, serve_tls
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 SOFTMAX = "two_layer_softmax"
@@ -126,111 +123,19 @@ def test_url_forms_become_grpc_targets_with_round_robin_for_several_backends() -
 
 
 # -- TLS and mutual TLS ------------------------------------------------------------------------------------------
-
-# `nnserve serve` has no TLS flags yet (issue 8). Until it does, TLS is terminated by a grpc server built here around
-# the real servicer and repository (the same classes `nnserve serve` wires together), in its own process.
-TLS_SERVER = """
-import asyncio, sys
-from pathlib import Path
-import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from nnserve.protos import grpc_service_pb2_grpc
-from nnserve.server.repository import ModelRepository
-from nnserve.server.service import InferenceServicer
-from nnserve.server.settings import ServerSettings
-
-async def main(repository, port, cert, key, client_ca):
-    settings = ServerSettings(model_repository=Path(repository), host="127.0.0.1", grpc_port=int(port),
-                              metrics_port=None, device="cpu")
-    models = ModelRepository(settings)
-    server = grpc.aio.server()
-    grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(models, settings), server)
-    status = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(status, server)
-    ca = Path(client_ca).read_bytes() if client_ca != "-" else None
-    credentials = grpc.ssl_server_credentials(
-        [(Path(key).read_bytes(), Path(cert).read_bytes())], root_certificates=ca, require_client_auth=ca is not None)
-    server.add_secure_port(f"127.0.0.1:{port}", credentials)
-    await server.start()
-    await models.load_all()
-    await status.set("", health_pb2.HealthCheckResponse.SERVING)
-    await server.wait_for_termination()
-
-asyncio.run(main(*sys.argv[1:]))
-"""
-
-
-@dataclass(frozen=True)
-class Pki:
-    """A throwaway CA, a server certificate for 127.0.0.1/localhost and a client certificate, all PEM files."""
-
-    ca: Path
-    server_cert: Path
-    server_key: Path
-    client_cert: Path
-    client_key: Path
-
-
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=30)
+# `nnserve serve --tls-cert/--tls-key [--tls-client-ca]` with certificates made in the test (tests/pki.py).
 
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    root = tmp_path_factory.mktemp("pki")
-    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
-    _openssl(
-        "req",
-        "-x509",
-        *ec,
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-days",
-        "1",
-        "-subj",
-        "/CN=nnserve test CA",
-        cwd=root,
-    )
-    for name, extensions in (
-        ("server", "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth"),
-        ("client", "extendedKeyUsage=clientAuth"),
-    ):
-        (root / f"{name}.ext").write_text(extensions + "\n")
-        _openssl("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=root)
-        _openssl(
-            "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-            "-out", f"{name}.pem", "-days", "1", "-extfile", f"{name}.ext", cwd=root,
-        )  # fmt: skip
-    return Pki(root / "ca.pem", root / "server.pem", root / "server.key", root / "client.pem", root / "client.key")
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 @contextmanager
 def tls_server(repository: Path, pki: Pki, log: Path, *, mutual: bool) -> Iterator[ServeProcess]:
     """The TLS (or mutual TLS) server, awaited on its health service through a TLS channel."""
-    port = free_port()
-    client_ca = str(pki.ca) if mutual else "-"
-    args = [str(repository), str(port), str(pki.server_cert), str(pki.server_key), client_ca]
-    with log.open("wb") as sink:
-        process = subprocess.Popen([sys.executable, "-c", TLS_SERVER, *args], stdout=sink, stderr=subprocess.STDOUT)
-    running = ServeProcess(process, port, log)  # type: ignore[arg-type]
-    try:
-        client_pair = (pki.client_key.read_bytes(), pki.client_cert.read_bytes()) if mutual else (None, None)
-        credentials = grpc.ssl_channel_credentials(pki.ca.read_bytes(), *client_pair)
-        with grpc.secure_channel(running.address, credentials) as channel:
-            watch = health_pb2_grpc.HealthStub(channel).Watch(
-                health_pb2.HealthCheckRequest(service=""), timeout=30, wait_for_ready=True
-            )
-            try:
-                next(r for r in watch if r.status == health_pb2.HealthCheckResponse.SERVING)
-            except grpc.RpcError as error:
-                pytest.fail(f"TLS server never became SERVING ({error.code()}):\n{running.log()}")
-            watch.cancel()
+    with serve_tls(repository, pki, log, mutual=mutual) as running:
         yield running
-    finally:
-        process.kill()
-        process.wait(10)
 
 
 def test_tls_client_verifies_the_server_with_the_given_ca(standard_repo: Path, pki: Pki, tmp_path: Path) -> None:

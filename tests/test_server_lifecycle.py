@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from nnserve.builder import build
 from nnserve.protos import grpc_service_pb2 as pb
 from nnserve.protos import grpc_service_pb2_grpc as pb_grpc
 from nnserve.server.app import StartupError, create_server
@@ -32,10 +33,12 @@ from tests.conftest import (
     serve_command,
     serve_process,
     slow_model,
+    wait_for_health,
     wait_until,
     write_model,
 )
 
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 NO_CUDA = cuda_unavailable_reason(0)
 needs_no_cuda = pytest.mark.skipif(NO_CUDA is None, reason="CUDA works here; this test is about a machine without it")
 
@@ -184,3 +187,23 @@ def test_missing_repository_is_a_startup_error(tmp_path: Path) -> None:
     settings = ServerSettings(tmp_path / "nowhere", host="127.0.0.1", grpc_port=0, metrics_port=None)
     with pytest.raises(StartupError, match="does not exist"):
         asyncio.run(create_server(settings))
+
+
+def test_liveness_health_stays_serving_while_readiness_follows_model_state(tmp_path: Path) -> None:
+    """Kubernetes probes liveness on `liveness`: a broken model must fail readiness, never liveness."""
+    repository = tmp_path / "repo"
+    build(EXAMPLES / "001_perceptron.json", repository)
+    broken = repository / "broken" / "1"
+    broken.mkdir(parents=True)
+    (broken / "model.onnx").write_bytes(b"not an onnx model")
+    with serve_process(repository, tmp_path / "serve.log", wait=False) as proc:
+        wait_for_health(proc.address, "perceptron")  # start-up loading is over
+        with grpc.insecure_channel(proc.address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+
+            def status(name: str) -> int:
+                return health.Check(health_pb2.HealthCheckRequest(service=name), timeout=5).status
+
+            assert status("liveness") == health_pb2.HealthCheckResponse.SERVING
+            assert status("") == health_pb2.HealthCheckResponse.NOT_SERVING  # strict readiness: a model is broken
+            assert status("broken") == health_pb2.HealthCheckResponse.NOT_SERVING

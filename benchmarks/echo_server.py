@@ -1,0 +1,131 @@
+"""The transport ceiling: a bare grpc.aio server with one generic unary handler that echoes the request.
+
+It answers `ModelInfer` by turning the request's bytes into a valid ModelInferResponse carrying the same tensors
+(a byte-level rewrite of the top-level fields: `raw_input_contents` (7) becomes `raw_output_contents` (6), the
+requested-outputs field (6) is dropped), so nnserve's SDK, the raw load generator and perf_analyzer can all drive it
+exactly as they drive a model server. The metadata RPCs perf_analyzer needs are answered with canned replies built
+once at start. No protobuf parsing, no numpy, no batching: what is left is grpc.aio's own cost per call.
+
+Run as `python benchmarks/echo_server.py --port 8001 --model echo --width 4` (one process, Ctrl-C or SIGTERM stops).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+
+import grpc
+
+_SERVICE = "inference.GRPCInferenceService"
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+def echo_response(request: bytes) -> bytes:
+    """ModelInferRequest bytes -> ModelInferResponse bytes with the same model name, id, tensors and raw contents."""
+    out = bytearray()
+    pos = 0
+    end = len(request)
+    while pos < end:
+        start = pos
+        tag, pos = _varint(request, pos)
+        field, wire = tag >> 3, tag & 7
+        if wire == 2:
+            length, pos = _varint(request, pos)
+            pos += length
+        elif wire == 0:
+            _, pos = _varint(request, pos)
+        elif wire == 1:
+            pos += 8
+        elif wire == 5:
+            pos += 4
+        else:
+            raise ValueError(f"unsupported wire type {wire}")
+        if field == 6:  # requested outputs: no counterpart in the response
+            continue
+        if field == 7:  # raw_input_contents -> raw_output_contents, same wire type
+            out.append((6 << 3) | 2)
+            out += request[start + 1 : pos]
+            continue
+        out += request[start:pos]
+    return bytes(out)
+
+
+def canned_replies(model: str, width: int) -> dict[str, bytes]:
+    """Serialized replies to the metadata RPCs (built with nnserve's generated protos, once)."""
+    from nnserve.protos import grpc_service_pb2 as pb
+    from nnserve.protos import model_config_pb2 as mc
+
+    tensor = pb.ModelMetadataResponse.TensorMetadata(name="input", datatype="FP32", shape=[-1, width])
+    metadata = pb.ModelMetadataResponse(name=model, versions=["1"], platform="echo", inputs=[tensor], outputs=[tensor])
+    config = mc.ModelConfig(name=model, platform="echo", max_batch_size=1 << 20)
+    config.input.add(name="input", data_type=mc.TYPE_FP32, dims=[width])
+    config.output.add(name="input", data_type=mc.TYPE_FP32, dims=[width])
+    stats = pb.ModelStatisticsResponse(model_stats=[pb.ModelStatistics(name=model, version="1")])
+    return {
+        "ServerLive": pb.ServerLiveResponse(live=True).SerializeToString(),
+        "ServerReady": pb.ServerReadyResponse(ready=True).SerializeToString(),
+        "ModelReady": pb.ModelReadyResponse(ready=True).SerializeToString(),
+        "ServerMetadata": pb.ServerMetadataResponse(name="echo", version="0").SerializeToString(),
+        "ModelMetadata": metadata.SerializeToString(),
+        "ModelConfig": pb.ModelConfigResponse(config=config).SerializeToString(),
+        "ModelStatistics": stats.SerializeToString(),
+    }
+
+
+class EchoHandler(grpc.GenericRpcHandler):
+    def __init__(self, canned: dict[str, bytes]) -> None:
+        async def infer(request: bytes, context: object) -> bytes:
+            return echo_response(request)
+
+        def constant(reply: bytes):  # type: ignore[no-untyped-def]
+            async def handler(request: bytes, context: object) -> bytes:
+                return reply
+
+            return handler
+
+        self._handlers = {f"/{_SERVICE}/ModelInfer": grpc.unary_unary_rpc_method_handler(infer)}
+        for name, reply in canned.items():
+            self._handlers[f"/{_SERVICE}/{name}"] = grpc.unary_unary_rpc_method_handler(constant(reply))
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        return self._handlers.get(handler_call_details.method)
+
+
+async def serve(host: str, port: int, model: str, width: int) -> None:
+    server = grpc.aio.server(
+        options=[("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)]
+    )
+    server.add_generic_rpc_handlers((EchoHandler(canned_replies(model, width)),))
+    server.add_insecure_port(f"{host}:{port}")
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop(1.0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--model", default="echo")
+    parser.add_argument("--width", type=int, default=4)
+    args = parser.parse_args()
+    asyncio.run(serve(args.host, args.port, args.model, args.width))
+
+
+if __name__ == "__main__":
+    main()

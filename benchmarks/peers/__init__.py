@@ -1,0 +1,100 @@
+"""Peer servers measured beside nnserve: MLServer and Triton's core (PyTriton), each in its own virtual environment.
+
+Neither is a dependency of nnserve: `setup_*` creates `benchmarks/.cache/venvs/<peer>` with the peer's pinned
+packages on first use (time-boxed), and a peer that cannot be installed or started is skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+VENVS = HERE.parent / ".cache" / "venvs"
+INSTALL_TIMEOUT_S = 900
+
+MLSERVER_PACKAGES = ("mlserver==1.7.1", "uvloop==0.21.0", "onnxruntime", "numpy")
+"""MLServer 1.7.1 does not run with uvloop 0.22+ (design.md); it has no ONNX runtime, so ours is mlserver_runtime."""
+PYTRITON_PACKAGES = ("nvidia-pytriton==0.7.0", "onnxruntime", "numpy")
+
+_RLOCK_FIX = textwrap.dedent('''\
+    # PyTriton's Python-backend stub embeds a CPython 3.11 older than this interpreter's standard library: its C RLock
+    # lacks `_recursion_count`, which multiprocessing.resource_tracker (3.11.5+) calls. Give the tracker a Python one.
+    import threading
+
+    if not hasattr(threading.RLock(), "_recursion_count"):
+        import multiprocessing.resource_tracker as _tracker
+
+        _tracker._resource_tracker._lock = threading._PyRLock()
+''')
+
+
+def _venv(name: str, packages: tuple[str, ...], install: bool) -> tuple[Path | None, str]:
+    """The venv's python, creating it when allowed; (None, why) when it is not there and cannot be made."""
+    root = VENVS / name
+    python = root / "bin" / "python"
+    marker = root / ".installed"
+    if marker.exists() and marker.read_text() == " ".join(packages):
+        return python, ""
+    if not install:
+        return None, f"not installed (run without --no-install to create {root})"
+    shutil.rmtree(root, ignore_errors=True)
+    try:
+        subprocess.run([sys.executable, "-m", "venv", str(root)], check=True, capture_output=True, timeout=120)
+        subprocess.run([str(python), "-m", "pip", "install", "--quiet", *packages], check=True, capture_output=True,
+                       text=True, timeout=INSTALL_TIMEOUT_S)
+    except subprocess.CalledProcessError as exc:
+        tail = " | ".join((exc.stderr or exc.stdout or "").strip().splitlines()[-3:])
+        return None, f"pip install {' '.join(packages)} failed: {tail}"
+    except subprocess.TimeoutExpired:
+        return None, f"pip install {' '.join(packages)} took more than {INSTALL_TIMEOUT_S} s"
+    marker.write_text(" ".join(packages))
+    return python, ""
+
+
+def setup_mlserver(install: bool) -> tuple[Path | None, str]:
+    return _venv("mlserver", MLSERVER_PACKAGES, install)
+
+
+def setup_pytriton(install: bool) -> tuple[Path | None, str]:
+    python, why = _venv("pytriton", PYTRITON_PACKAGES, install)
+    if python is None:
+        return None, why
+    site = next((python.parent.parent / "lib").glob("python3*/site-packages"), None)
+    if site is not None and not (site / "_nnserve_bench_rlock_fix.pth").exists():
+        (site / "_nnserve_bench_rlock_fix.py").write_text(_RLOCK_FIX)
+        (site / "_nnserve_bench_rlock_fix.pth").write_text("import _nnserve_bench_rlock_fix\n")
+    return python, ""
+
+
+def mlserver_command(
+    python: Path, workdir: Path, model: str, onnx_path: Path, ports: tuple[int, int, int], *, adaptive_batching: bool
+) -> list[str]:
+    """Write MLServer's settings and model folder under `workdir`; the command that starts it.
+
+    `parallel_workers` 0 runs inference in the server process (no inter-process hop: its fastest setting for a model
+    this small); adaptive batching (max 64 rows, 500 us) is MLServer's own dynamic batching.
+    """
+    grpc_port, http_port, metrics_port = ports
+    shutil.rmtree(workdir, ignore_errors=True)
+    model_dir = workdir / model
+    model_dir.mkdir(parents=True)
+    shutil.copy(HERE / "mlserver_runtime.py", model_dir / "mlserver_runtime.py")
+    settings = {"name": model, "implementation": "mlserver_runtime.OnnxModel", "parameters": {"uri": str(onnx_path)}}
+    if adaptive_batching:
+        settings |= {"max_batch_size": 64, "max_batch_time": 0.0005}
+    (model_dir / "model-settings.json").write_text(json.dumps(settings))
+    server = {"grpc_port": grpc_port, "http_port": http_port, "metrics_port": metrics_port, "parallel_workers": 0,
+              "host": "127.0.0.1"}
+    (workdir / "settings.json").write_text(json.dumps(server))
+    return [str(python.parent / "mlserver"), "start", str(workdir)]
+
+
+def pytriton_command(python: Path, model: str, onnx_path: Path, ports: tuple[int, int, int]) -> list[str]:
+    grpc_port, http_port, metrics_port = ports
+    return [str(python), str(HERE / "pytriton_server.py"), str(onnx_path), model, str(grpc_port), str(http_port),
+            str(metrics_port)]

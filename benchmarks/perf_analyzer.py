@@ -1,0 +1,86 @@
+"""Triton's `perf_analyzer`, fetched from PyPI into benchmarks/.cache and run against any KServe v2 gRPC server.
+
+How a working binary is obtained on glibc 2.36 (design.md section 8): the manylinux1 wheel of `tritonclient==2.50.0`
+bundles `bin/perf_analyzer` (later wheels need a newer glibc; the `perf-analyzer` package has only manylinux_2_38
+wheels); it needs `libb64.so.0d` (Debian's `libb64-0d`) and `libcudart.so.12` (linked, not used: taken from the
+`nvidia-cuda-runtime-cu12` wheel) beside it. Nothing is committed: everything lands in the gitignored cache.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+CACHE = Path(__file__).resolve().parent / ".cache" / "perf_analyzer"
+TRITONCLIENT = "tritonclient==2.50.0"
+CUDART = "nvidia-cuda-runtime-cu12"
+
+
+def ensure() -> tuple[Path | None, str]:
+    """(path to a runnable perf_analyzer, "") or (None, why not)."""
+    binary = CACHE / "perf_analyzer"
+    if binary.exists() and (CACHE / "libcudart.so.12").exists() and _has_libb64():
+        return binary, ""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    try:
+        if not _has_libb64():
+            if shutil.which("apt-get") is None:
+                return None, "libb64-0d is missing and there is no apt-get to install it"
+            subprocess.run(["apt-get", "install", "-y", "-q", "libb64-0d"], check=True, capture_output=True,
+                           timeout=300)
+        for requirement in (TRITONCLIENT, CUDART):
+            subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
+                            "-d", str(CACHE), requirement], check=True, capture_output=True, timeout=600)
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as exc:
+        return None, f"could not fetch perf_analyzer's parts: {exc}"
+    for wheel in CACHE.glob("*.whl"):
+        with zipfile.ZipFile(wheel) as archive:
+            for name in archive.namelist():
+                if name.endswith("/bin/perf_analyzer"):
+                    binary.write_bytes(archive.read(name))
+                    binary.chmod(0o755)
+                elif name.endswith("/libcudart.so.12"):
+                    (CACHE / "libcudart.so.12").write_bytes(archive.read(name))
+    if not binary.exists():
+        return None, f"no bin/perf_analyzer in the {TRITONCLIENT} wheel"
+    return binary, ""
+
+
+def _has_libb64() -> bool:
+    return any(Path(d, "libb64.so.0d").exists() for d in ("/usr/lib/x86_64-linux-gnu", "/usr/lib", "/lib"))
+
+
+def run(
+    binary: Path, model: str, target: str, concurrency: int, *, batch: int = 1, interval_ms: int = 2000,
+    timeout_s: float = 300,
+) -> dict[str, float] | str:
+    """One concurrency level; {"requests_per_s", "rows_per_s", "p50_ms", "p99_ms"} or the reason it failed."""
+    report = CACHE / f"report-{os.getpid()}.csv"
+    command = [
+        str(binary), "-m", model, "-i", "grpc", "-u", target, "-b", str(batch),
+        "--concurrency-range", f"{concurrency}:{concurrency}", "--measurement-interval", str(interval_ms),
+        "--stability-percentage", "100", "--max-trials", "5", "--percentile", "50", "-f", str(report),
+    ]
+    env = {**os.environ, "LD_LIBRARY_PATH": f"{CACHE}:{os.environ.get('LD_LIBRARY_PATH', '')}"}
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, env=env)
+    except subprocess.TimeoutExpired:
+        return f"perf_analyzer did not finish within {timeout_s:.0f} s"
+    if done.returncode != 0 or not report.exists():
+        tail = (done.stdout + done.stderr).strip().splitlines()[-3:]
+        return f"perf_analyzer exited {done.returncode}: {' | '.join(tail)}"
+    with report.open() as handle:
+        row = next(csv.DictReader(handle))
+    report.unlink()
+    inferences = float(row["Inferences/Second"])  # rows per second (inferences = batch rows)
+    return {
+        "requests_per_s": inferences / batch,
+        "rows_per_s": inferences,
+        "p50_ms": float(row["p50 latency"]) / 1000,
+        "p99_ms": float(row["p99 latency"]) / 1000,
+    }

@@ -1,0 +1,437 @@
+"""Who may talk to the gRPC port: TLS (optionally mutual) credentials, bearer-token scopes, and the call gate.
+
+TLS: `--tls-cert` and `--tls-key` serve TLS; `--tls-client-ca` also requires every client to present a
+certificate signed by that CA (mutual TLS). The files are checked at start with Python's `ssl` module, so a key
+that does not match its certificate stops the server with that sentence instead of failing every handshake later.
+
+Tokens: a token file (or `NNSERVE_AUTH_TOKENS`) holds one token per line with the scopes it grants:
+
+    # token                                                           scopes              name (optional, for logs)
+    3b7c9f2e61d04a8f9d2c7e5b1a0f4c3d8e9f6a7b5c4d3e2f1a0b9c8d7e6f5a4b  infer,metadata      app
+    9f8e7d6c5b4a39281706f5e4d3c2b1a09f8e7d6c5b4a39281706f5e4d3c2b1a0  *                   ops
+
+Scopes: `infer` (ModelInfer, ModelStreamInfer), `metadata` (liveness/readiness RPCs of the v2 service, server and
+model metadata, model config, statistics, repository index, and server reflection), `repository` (load and
+unload), `*` for all three. `grpc.health.v1.Health` is never authenticated: kubelet gRPC probes cannot send
+metadata. Clients send `authorization: Bearer <token>`. Tokens are compared as SHA-256 digests with
+`hmac.compare_digest` against every configured token (no early exit), and never logged: logs name a token by its
+name or its line number.
+
+The gate (`CallGate`, a grpc.aio server interceptor on every call) also turns request bytes that are not a valid
+protobuf message into INVALID_ARGUMENT. Without it grpc answers UNKNOWN ("Unexpected <class DecodeError>") and
+logs a traceback at ERROR for each such request, which an attacker could use to flood the log.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import inspect
+import logging
+import re
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from nnserve.protos import grpc_service_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+INFER = "infer"
+METADATA = "metadata"
+REPOSITORY = "repository"
+SCOPES: tuple[str, ...] = (INFER, METADATA, REPOSITORY)
+ALL_SCOPES_WORD = "*"
+MIN_TOKEN_CHARS = 16
+MAX_TOKEN_CHARS = 4096
+TOKENS_ENV = "NNSERVE_AUTH_TOKENS"
+
+_INFERENCE_SERVICE: str = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+# Scope each RPC of the v2 service needs; a test checks that every method of the service is listed.
+INFERENCE_METHOD_SCOPES: dict[str, str] = {
+    "ModelInfer": INFER,
+    "ModelStreamInfer": INFER,
+    "ServerLive": METADATA,
+    "ServerReady": METADATA,
+    "ModelReady": METADATA,
+    "ServerMetadata": METADATA,
+    "ModelMetadata": METADATA,
+    "ModelConfig": METADATA,
+    "ModelStatistics": METADATA,
+    "RepositoryIndex": METADATA,
+    "RepositoryModelLoad": REPOSITORY,
+    "RepositoryModelUnload": REPOSITORY,
+}
+OPEN_SERVICES: tuple[str, ...] = ("grpc.health.v1.Health",)
+"""Services reachable without a token: the probes' health service only."""
+REFLECTION_SERVICES: tuple[str, ...] = (
+    "grpc.reflection.v1alpha.ServerReflection",
+    "grpc.reflection.v1.ServerReflection",
+)
+"""Reflection describes the services (grpcurl needs it): `metadata` scope, like the other descriptive RPCs."""
+
+_METHOD_SCOPES: dict[str, str | None] = {
+    **{f"/{_INFERENCE_SERVICE}/{method}": scope for method, scope in INFERENCE_METHOD_SCOPES.items()},
+}
+_TOKEN_RE = re.compile(r"[A-Za-z0-9\-._~+/]+=*")  # RFC 6750 b64token: what may follow "Bearer "
+_BEARER_RE = re.compile(r"bearer +(\S+) *", re.IGNORECASE)
+
+
+class SecurityConfigError(ValueError):
+    """TLS files or token definitions are unusable; the message names the file (or variable) and the line."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# TLS
+
+
+def server_credentials(cert: Path, key: Path, client_ca: Path | None) -> grpc.ServerCredentials:
+    """gRPC server credentials; mutual TLS (client certificates required) when `client_ca` is given."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    cert_pem, key_pem = _read(cert, "--tls-cert"), _read(key, "--tls-key")
+    try:
+        context.load_cert_chain(cert, key)
+    except ssl.SSLError as exc:
+        raise SecurityConfigError(
+            f"--tls-cert {cert} / --tls-key {key}: not a PEM certificate and its matching private key "
+            f"({exc.reason or exc})"
+        ) from None
+    ca_pem = None
+    if client_ca is not None:
+        ca_pem = _read(client_ca, "--tls-client-ca")
+        try:
+            context.load_verify_locations(cafile=str(client_ca))
+        except ssl.SSLError as exc:
+            raise SecurityConfigError(
+                f"--tls-client-ca {client_ca}: not a PEM CA certificate ({exc.reason or exc})"
+            ) from None
+    return grpc.ssl_server_credentials(
+        [(key_pem, cert_pem)], root_certificates=ca_pem, require_client_auth=ca_pem is not None
+    )
+
+
+def _read(path: Path, flag: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise SecurityConfigError(f"{flag} {path}: cannot be read: {exc.strerror or exc}") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tokens
+
+
+@dataclass(frozen=True, slots=True)
+class _Token:
+    digest: bytes
+    scopes: frozenset[str]
+    name: str
+
+
+class TokenTable:
+    """The configured tokens, kept only as SHA-256 digests; `repr` never shows them."""
+
+    def __init__(self, tokens: tuple[_Token, ...]) -> None:
+        self._tokens = tokens
+
+    def __len__(self) -> int:
+        return len(self._tokens)
+
+    def __repr__(self) -> str:
+        return f"TokenTable({len(self._tokens)} tokens)"
+
+    @classmethod
+    def parse(cls, text: str, source: str) -> TokenTable:
+        """Parse `token scopes [name]` lines (`#` starts a comment); in NNSERVE_AUTH_TOKENS `;` also ends an entry."""
+        tokens: list[_Token] = []
+        seen: set[bytes] = set()
+        inline = source == TOKENS_ENV
+        for number, raw in enumerate(re.split(r"[\n;]" if inline else r"\n", text), start=1):
+            line = raw.split("#", 1)[0].strip()  # '#' cannot occur in a token
+            if not line:
+                continue
+            where = f"{source}, {'entry' if inline else 'line'} {number}"
+            fields = line.split()
+            if len(fields) not in (2, 3):
+                raise SecurityConfigError(
+                    f"{where}: expected 'TOKEN SCOPES [NAME]' (scopes: {', '.join(SCOPES)} or '*', comma-separated), "
+                    f"found {len(fields)} fields"
+                )
+            token, scope_text = fields[0], fields[1]
+            name = fields[2] if len(fields) == 3 else f"{'entry' if inline else 'line'} {number}"
+            if not _TOKEN_RE.fullmatch(token) or not MIN_TOKEN_CHARS <= len(token) <= MAX_TOKEN_CHARS:
+                raise SecurityConfigError(
+                    f"{where}: the token must be {MIN_TOKEN_CHARS} to {MAX_TOKEN_CHARS} characters of "
+                    "A-Z a-z 0-9 - . _ ~ + / (then optional '='), e.g. the output of `openssl rand -hex 32`"
+                )
+            scopes = _parse_scopes(scope_text, where)
+            digest = _digest(token)
+            if digest in seen:
+                raise SecurityConfigError(f"{where}: the same token is defined twice")
+            seen.add(digest)
+            tokens.append(_Token(digest, scopes, name))
+        if not tokens:
+            raise SecurityConfigError(f"{source}: defines no tokens; authentication would let no one in")
+        return cls(tuple(tokens))
+
+    @classmethod
+    def load(cls, path: Path | None, inline: str | None) -> TokenTable | None:
+        """The table from `--auth-token-file` or `NNSERVE_AUTH_TOKENS`; None when neither is set (no auth)."""
+        if path is not None and inline is not None:
+            raise SecurityConfigError(f"set --auth-token-file or {TOKENS_ENV}, not both")
+        if path is not None:
+            try:
+                text = Path(path).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+                raise SecurityConfigError(f"--auth-token-file {path}: cannot be read: {reason}") from None
+            return cls.parse(text, str(path))
+        if inline is not None:
+            return cls.parse(inline, TOKENS_ENV)
+        return None
+
+    def match(self, token: str) -> _Token | None:
+        """The entry for a presented token, comparing digests in constant time with every entry."""
+        presented = _digest(token)
+        found: _Token | None = None
+        for entry in self._tokens:
+            if hmac.compare_digest(presented, entry.digest):
+                found = entry
+        return found
+
+
+def _parse_scopes(text: str, where: str) -> frozenset[str]:
+    scopes = {s.strip() for s in text.split(",") if s.strip()}
+    if ALL_SCOPES_WORD in scopes:
+        return frozenset(SCOPES)
+    unknown = sorted(scopes - set(SCOPES))
+    if unknown or not scopes:
+        raise SecurityConfigError(
+            f"{where}: unknown scope {unknown[0] if unknown else '(none)'!r}; expected a comma-separated list of "
+            f"{', '.join(SCOPES)}, or '*' for all"
+        )
+    return frozenset(scopes)
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
+
+
+def required_scope(method: str) -> str | None:
+    """The scope a full method name (`/package.Service/Method`) needs; None for open services."""
+    service = method[1:].rpartition("/")[0]
+    if service in OPEN_SERVICES:
+        return None
+    scope = _METHOD_SCOPES.get(method)
+    if scope is not None:
+        return scope
+    if service in REFLECTION_SERVICES:
+        return METADATA
+    return REPOSITORY  # anything unlisted is treated as the most privileged: fail closed
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Log hygiene.
+
+_GRPC_LOGGER = "grpc._cython.cygrpc"
+_CLIENT_GONE = "ExecuteBatchError raised in core by servicer method"
+
+
+class _ClientGoneFilter(logging.Filter):
+    """Turns grpc's ERROR-with-traceback for an answer that could not be sent into one DEBUG line.
+
+    grpc.aio logs it when a client's deadline passes (or it cancels) just as the server answers, before grpc has
+    noticed the client is gone: nothing failed on the server, and a client sending requests with tiny deadlines
+    could otherwise fill the log with tracebacks.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name != _GRPC_LOGGER or not record.getMessage().startswith(_CLIENT_GONE):
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        record.msg, record.args = f"{record.getMessage()} (the client had gone; nothing to answer)", None
+        record.exc_info = record.exc_text = None
+        return logging.getLogger().isEnabledFor(logging.DEBUG)
+
+
+def install_log_filters() -> None:
+    """Install the filter above once per process (idempotent: servers in tests share a process)."""
+    logger = logging.getLogger(_GRPC_LOGGER)
+    if not any(isinstance(f, _ClientGoneFilter) for f in logger.filters):
+        logger.addFilter(_ClientGoneFilter())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The gate: authentication and safe decoding for every call.
+
+
+class _Undecodable:
+    """Stands in for a request message that did not parse, so the handler can answer INVALID_ARGUMENT."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+Handler = Any  # grpc.RpcMethodHandler (a namedtuple in grpc's implementation)
+
+
+class CallGate(grpc.aio.ServerInterceptor):
+    """Checks the bearer token's scope (when tokens are configured) and guards request decoding, on every call."""
+
+    def __init__(self, tokens: TokenTable | None) -> None:
+        self._tokens = tokens
+        self._guarded: dict[str, tuple[Handler, Handler]] = {}
+        self._denials: dict[tuple[str, grpc.StatusCode, str], Handler] = {}
+
+    async def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method: str = handler_call_details.method  # type: ignore[attr-defined]
+        if self._tokens is not None:
+            denial = self._authorize(method, handler_call_details.invocation_metadata)  # type: ignore[attr-defined]
+            if denial is not None:
+                return self._denial_handler(method, handler, *denial)
+        cached = self._guarded.get(method)
+        if cached is None or cached[0] is not handler:
+            cached = (handler, _guard_decoding(handler))
+            self._guarded[method] = cached
+        return cached[1]
+
+    def _authorize(self, method: str, metadata: Any) -> tuple[grpc.StatusCode, str] | None:
+        """None when the call may proceed, else the status and message to refuse it with."""
+        scope = required_scope(method)
+        if scope is None:
+            return None
+        assert self._tokens is not None
+        rpc = method.rpartition("/")[2] or method
+        values = [value for key, value in (metadata or ()) if key == "authorization"]
+        if not values:
+            log.debug("refused %s: no authorization metadata", method)
+            return grpc.StatusCode.UNAUTHENTICATED, (
+                f"{rpc} needs a token: this server requires the metadata 'authorization: Bearer <token>'"
+            )
+        if len(values) > 1:
+            return grpc.StatusCode.UNAUTHENTICATED, "send exactly one 'authorization' metadata entry"
+        value = values[0].decode("latin-1") if isinstance(values[0], bytes) else str(values[0])
+        bearer = _BEARER_RE.fullmatch(value)
+        if bearer is None:
+            log.debug("refused %s: authorization metadata is not a bearer token", method)
+            return grpc.StatusCode.UNAUTHENTICATED, "the 'authorization' metadata must be 'Bearer <token>'"
+        entry = self._tokens.match(bearer.group(1))
+        if entry is None:
+            log.debug("refused %s: unknown bearer token", method)
+            return grpc.StatusCode.UNAUTHENTICATED, "the bearer token is not valid on this server"
+        if scope not in entry.scopes:
+            log.debug("refused %s: token %s lacks scope %s", method, entry.name, scope)
+            return grpc.StatusCode.PERMISSION_DENIED, (
+                f"the token does not grant the '{scope}' scope that {rpc} needs "
+                f"(it grants: {', '.join(sorted(entry.scopes))})"
+            )
+        return None
+
+    def _denial_handler(self, method: str, handler: Handler, code: grpc.StatusCode, message: str) -> Handler:
+        key = (method, code, message)
+        denial = self._denials.get(key)
+        if denial is None:
+            denial = self._denials[key] = _aborting_handler(handler, code, message)
+        return denial
+
+
+def _aborting_handler(handler: Handler, code: grpc.StatusCode, message: str) -> Handler:
+    """A handler of the same streaming kind that refuses the call without reading (or parsing) the request."""
+
+    async def refuse(_request: Any, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(code, message)
+
+    async def refuse_stream(_request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        await context.abort(code, message)
+        yield  # pragma: no cover - abort raises
+
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(refuse_stream)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(refuse)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(refuse_stream)
+    return grpc.unary_unary_rpc_method_handler(refuse)
+
+
+def _guard_decoding(handler: Handler) -> Handler:
+    """The handler with a deserializer that never raises and a behaviour that refuses what did not parse."""
+    deserialize = handler.request_deserializer
+    if deserialize is None:
+        return handler
+
+    def safe_deserialize(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception as exc:
+            return _Undecodable(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+
+    kind = ("stream" if handler.request_streaming else "unary") + "_" + (
+        "stream" if handler.response_streaming else "unary"
+    )
+    behavior = getattr(handler, kind)
+    guard = _guard_stream_requests if handler.request_streaming else _guard_unary_request
+    wrapped = guard(behavior)
+    if wrapped is None:
+        return handler  # a synchronous behaviour: left as grpc runs it
+    return handler._replace(request_deserializer=safe_deserialize, **{kind: wrapped})
+
+
+def _refusal(request: _Undecodable) -> str:
+    return f"the request is not a valid protobuf message of this method's request type ({request.reason})"
+
+
+def _guard_unary_request(behavior: Callable[..., Any]) -> Callable[..., Any] | None:
+    if inspect.isasyncgenfunction(behavior):
+
+        async def guarded_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            if isinstance(request, _Undecodable):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _refusal(request))
+            async for response in behavior(request, context):
+                yield response
+
+        return guarded_stream
+    if inspect.iscoroutinefunction(behavior):
+
+        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if isinstance(request, _Undecodable):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _refusal(request))
+            return await behavior(request, context)
+
+        return guarded
+    return None
+
+
+def _guard_stream_requests(behavior: Callable[..., Any]) -> Callable[..., Any] | None:
+    async def checked(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async for request in requests:
+            if isinstance(request, _Undecodable):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _refusal(request))
+            yield request
+
+    if inspect.isasyncgenfunction(behavior):
+
+        async def guarded_stream(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            async for response in behavior(checked(requests, context), context):
+                yield response
+
+        return guarded_stream
+    if inspect.iscoroutinefunction(behavior):
+
+        async def guarded(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+            return await behavior(checked(requests, context), context)
+
+        return guarded
+    return None

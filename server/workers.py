@@ -1,0 +1,268 @@
+"""`nnserve serve --workers N`: a supervisor and N server processes sharing one gRPC port (SO_REUSEPORT).
+
+Why processes: one grpc.aio server is one Python thread for everything but the model's own compute (protobuf,
+asyncio, the servicer), so a small network saturates one core at a few thousand requests per second whatever the
+machine. N workers, each the complete server (every model loaded, its own batcher and health service), bind the same
+port with SO_REUSEPORT and the kernel spreads *connections* among them. What that implies:
+
+* Balance is per connection, not per request: one client with one channel talks to one worker. Load generators and
+  services with several channels (or several clients) spread; a single channel does not.
+* Batching is per worker: each batches its own share of the requests, so a large model batches less than with one
+  process. Use workers for small, request-rate-bound networks; use one process (and more intra-op threads) for large
+  ones, where one process already keeps every core busy in onnxruntime.
+* onnxruntime's intra-op threads are divided: each worker gets `available CPUs // N` unless set explicitly, so the
+  workers together use what the container's CPU quota allows (`cpu_quota`).
+* Memory: every worker holds every model.
+
+Lifecycle. The supervisor reserves the port (a bound, non-listening SO_REUSEPORT socket: port 0 picks one, and a
+port held by an ordinary listener fails at once), starts the workers (multiprocessing "spawn": fresh interpreters,
+no forked gRPC or onnxruntime state), and waits. SIGTERM or SIGINT is forwarded to every worker, each drains as a
+single server does (health NOT_SERVING, finish accepted work within the grace period), and the supervisor exits when
+all have, killing any that outlive the grace period by 10 s.
+
+A worker that exits on its own (crash, OOM kill, failed start) is not restarted: the supervisor logs its exit status,
+stops the others the same graceful way and exits with status 1, so that the orchestrator (Kubernetes, systemd)
+restarts the whole server where everyone sees it, instead of a silently smaller or flapping one. Workers get
+SIGTERM if the supervisor itself dies (PR_SET_PDEATHSIG), so no orphan keeps the port.
+
+Health and readiness are per worker: a probe's connection reaches one of them. They load the same repository and
+start together; a worker that cannot serve brings the supervisor (and its probes) down as above.
+
+Metrics: workers run with `PROMETHEUS_MULTIPROC_DIR` set to a fresh directory and their own metrics port off; the
+supervisor serves the merged metrics on the metrics port (`nnserve.server.metrics.serve_aggregated_metrics`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from multiprocessing.process import BaseProcess
+
+from nnserve.server import cpu_quota
+from nnserve.server.settings import ServerSettings
+
+log = logging.getLogger(__name__)
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+KILL_AFTER_GRACE_S = 10.0
+"""How long past the grace period the supervisor waits for a draining worker before killing it."""
+_PR_SET_PDEATHSIG = 1
+
+
+class SupervisorError(RuntimeError):
+    """The workers cannot be started (port in use, bad address); the message says why."""
+
+
+def supervise(settings: ServerSettings) -> int:
+    """Run `settings.workers` servers on one port until SIGTERM/SIGINT or a worker's exit; the exit status."""
+    count = settings.workers
+    reservation = reserve_port(settings.host, settings.grpc_port)
+    port = int(reservation.getsockname()[1])
+    threads = settings.intra_op_threads or cpu_quota.intra_op_threads(count)
+    metrics_dir = tempfile.mkdtemp(prefix="nnserve-metrics-")
+    worker_settings = dataclasses.replace(
+        settings, workers=1, reuse_port=True, grpc_port=port, metrics_port=None, intra_op_threads=threads
+    )
+    wake_r, wake_w = socket.socketpair()
+    wake_r.setblocking(False)
+    wake_w.setblocking(False)
+    stop_requested: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, _frame: stop_requested.append(signum))
+                for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous_wakeup = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+    workers: list[BaseProcess] = []
+    try:
+        os.environ[MULTIPROC_ENV] = metrics_dir  # inherited by the spawned workers
+        context = multiprocessing.get_context("spawn")
+        level = logging.getLogger().getEffectiveLevel()
+        for index in range(count):
+            worker = context.Process(
+                target=_worker_main, args=(worker_settings, index, level, os.getpid()), name=f"nnserve-worker-{index}"
+            )
+            worker.start()
+            workers.append(worker)
+        log.info(
+            "supervisor (pid %d): %d workers on %s:%d (pids %s), %d onnxruntime intra-op threads each",
+            os.getpid(), count, settings.host, port, ", ".join(str(w.pid) for w in workers), threads,
+        )
+        _serve_metrics(settings, metrics_dir)
+        return _wait(workers, wake_r, stop_requested, settings.grace_period_s)
+    finally:
+        signal.set_wakeup_fd(previous_wakeup)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for worker in workers:
+            if worker.is_alive():
+                worker.kill()
+            worker.join(timeout=5)
+        wake_r.close()
+        wake_w.close()
+        reservation.close()
+        os.environ.pop(MULTIPROC_ENV, None)
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def reserve_port(host: str, port: int) -> socket.socket:
+    """A bound (not listening) SO_REUSEPORT socket on host:port that holds the port for the workers.
+
+    Fails (SupervisorError) when the port is taken by a listener, whether or not it allows sharing: a second
+    `nnserve --workers` on the same port would otherwise silently split the traffic with the first.
+    """
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise SupervisorError(f"cannot resolve --host {host!r}: {exc}") from None
+    family, kind, proto, _name, address = infos[0]
+    if port and _accepts_connections(family, address):
+        raise SupervisorError(f"cannot listen on {host}:{port}: another process is listening there")
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise SupervisorError(f"cannot listen on {host}:{port}: {exc.strerror or exc} (is the port in use?)") from None
+    return sock
+
+
+def _accepts_connections(family: int, address: tuple[object, ...]) -> bool:
+    """Whether something already listens on the address (a wildcard address is probed on loopback)."""
+    host = address[0]
+    if host in ("0.0.0.0", ""):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.settimeout(0.5)
+            return probe.connect_ex((host, *address[1:])) == 0
+    except OSError:
+        return False
+
+
+def _serve_metrics(settings: ServerSettings, directory: str) -> None:
+    """The workers' merged metrics on the metrics port, when the metrics module offers the aggregation."""
+    if settings.metrics_port is None:
+        return
+    from nnserve.server import metrics
+
+    serve = getattr(metrics, "serve_aggregated_metrics", None)
+    if serve is None:
+        log.warning("metrics are not served with --workers > 1 by this build (no aggregation across workers)")
+        return
+    host = getattr(settings, "metrics_host", None) or settings.host
+    try:
+        serve(host, settings.metrics_port, directory)
+    except OSError as exc:
+        log.error("cannot serve metrics on %s:%d: %s; the workers serve on without /metrics",
+                  host, settings.metrics_port, exc)
+
+
+def _wait(
+    workers: list[BaseProcess], wake: socket.socket, stop_requested: list[int], grace_period_s: float
+) -> int:
+    """Block until a stop signal or a worker's own exit, then stop every worker; the supervisor's exit status."""
+    sentinels = {worker.sentinel: worker for worker in workers}
+    failed: BaseProcess | None = None
+    while not stop_requested and failed is None:
+        ready = multiprocessing.connection.wait([*sentinels, wake])
+        with contextlib.suppress(BlockingIOError):
+            wake.recv(64)
+        for item in ready:
+            worker = sentinels.get(item)  # type: ignore[call-overload]
+            if worker is not None:
+                failed = worker
+                break
+    if failed is not None:
+        failed.join()
+        log.error(
+            "worker %s (pid %s) exited on its own (%s); stopping the other workers and exiting with status 1: "
+            "nnserve restarts nothing itself, the orchestrator restarts the whole server",
+            failed.name, failed.pid, _describe_exit(failed.exitcode),
+        )
+    else:
+        log.info("received %s: stopping %d workers", signal.Signals(stop_requested[0]).name, len(workers))
+    _stop_all(workers, grace_period_s, wake, stop_requested)
+    clean = failed is None and all(worker.exitcode == 0 for worker in workers)
+    log.info("all %d workers stopped%s", len(workers), "" if clean else " (not cleanly: exit status 1)")
+    return 0 if clean else 1
+
+
+def _stop_all(workers: list[BaseProcess], grace_period_s: float, wake: socket.socket, signals: list[int]) -> None:
+    """SIGTERM every live worker and wait for their drain; kill those still running well past the grace period."""
+    for worker in workers:
+        if worker.exitcode is None and worker.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_period_s + KILL_AFTER_GRACE_S
+    seen = len(signals)
+    while True:
+        alive = [worker for worker in workers if worker.exitcode is None]
+        left = deadline - time.monotonic()
+        if not alive or left <= 0:
+            break
+        multiprocessing.connection.wait([worker.sentinel for worker in alive] + [wake], timeout=left)
+        with contextlib.suppress(BlockingIOError):
+            wake.recv(64)
+        if len(signals) > seen:
+            seen = len(signals)
+            log.warning("received another stop signal; still draining (the grace period bounds the wait)")
+    for worker in workers:
+        if worker.exitcode is None:
+            log.error("worker %s (pid %s) did not stop in time; killing it", worker.name, worker.pid)
+            worker.kill()
+        worker.join(timeout=5)
+        if worker.exitcode not in (0, None):
+            log.warning("worker %s (pid %s) %s", worker.name, worker.pid, _describe_exit(worker.exitcode))
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-code).name}"
+        return f"killed by signal {-code}"
+    return f"exit status {code}"
+
+
+def _worker_main(settings: ServerSettings, index: int, log_level: int, supervisor_pid: int) -> None:
+    """One worker: a complete server on the shared port, until SIGTERM (from the supervisor or its death)."""
+    logging.basicConfig(
+        level=log_level,
+        format=f"%(asctime)s %(levelname)s [worker {index} pid %(process)d] %(name)s: %(message)s",
+    )
+    _die_with_parent(supervisor_pid)
+    import asyncio
+
+    from nnserve.server.app import StartupError, serve
+    from nnserve.server.errors import ServingError
+
+    try:
+        code = asyncio.run(serve(settings))
+    except (StartupError, ServingError) as exc:
+        logging.getLogger(__name__).critical("%s", exc)
+        code = 1
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
+
+
+def _die_with_parent(supervisor_pid: int) -> None:
+    """Ask Linux for SIGTERM when the supervisor dies, so an orphaned worker drains and frees the port."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != supervisor_pid:  # it died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)

@@ -1,0 +1,234 @@
+"""Batching through the real server: gRPC on loopback, onnxruntime, the servicer, the batcher and the statistics.
+
+Every response is checked against a numpy forward pass; batching is proven by ModelStatistics (fewer executions than
+requests), never by timing. The only timed assertions are generous bounds on server-side queue time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from nnserve.protos import grpc_service_pb2 as pb
+from tests.conftest import RunningServer, finish_model, infer_request, output_arrays, running_server, write_model
+
+pytestmark = pytest.mark.timeout(120)
+
+RNG = np.random.default_rng(11)
+CHAIN_W = (RNG.standard_normal((8, 8)) / np.sqrt(8)).astype(np.float32)
+
+
+def chain_model(weights: np.ndarray, depth: int) -> Any:
+    """output = tanh(... tanh(tanh(input @ W) @ W) ...), depth times: CPU work that grows with width and depth."""
+    nodes = []
+    current = "input"
+    for i in range(depth):
+        nodes.append(helper.make_node("MatMul", [current, "W"], [f"m{i}"]))
+        out = "output" if i == depth - 1 else f"t{i}"
+        nodes.append(helper.make_node("Tanh", [f"m{i}"], [out]))
+        current = out
+    width = weights.shape[0]
+    graph = helper.make_graph(
+        nodes,
+        "chain",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", width])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", width])],
+        initializer=[numpy_helper.from_array(weights, "W")],
+    )
+    return finish_model(graph)
+
+
+def chain_reference(x: np.ndarray, weights: np.ndarray, depth: int) -> np.ndarray:
+    y = x.astype(np.float64)
+    for _ in range(depth):
+        y = np.tanh(y @ weights.astype(np.float64))
+    return y
+
+
+def any_width_model() -> Any:
+    """output = 2 * input for inputs of any width: requests of different widths must never share a batch."""
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["input", "two"], ["output"])],
+        "any_width",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", "width"])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", "width"])],
+        initializer=[numpy_helper.from_array(np.array([2.0], dtype=np.float32), "two")],
+    )
+    return finish_model(graph)
+
+
+SLOW_W = (np.random.default_rng(3).standard_normal((512, 512)) / np.sqrt(512)).astype(np.float32)
+MID_W = (np.random.default_rng(4).standard_normal((128, 128)) / np.sqrt(128)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def perf_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    root = tmp_path_factory.mktemp("perf_repository")
+    write_model(root, "mid", chain_model(MID_W, 8), config={"max_batch_size": 32})
+    write_model(root, "mid_two", chain_model(MID_W, 8), config={"max_batch_size": 32, "instances": 2})
+    write_model(root, "tiny_fixed", chain_model(CHAIN_W, 3),
+                config={"max_batch_size": 32, "dynamic_batching": {"delay_mode": "fixed", "max_queue_delay_us": 3000}})
+    write_model(root, "tiny_default", chain_model(CHAIN_W, 3))
+    write_model(root, "tiny_fixed_default", chain_model(CHAIN_W, 3),
+                config={"dynamic_batching": {"delay_mode": "fixed"}})
+    write_model(root, "tiny_no_delay", chain_model(CHAIN_W, 3),
+                config={"max_batch_size": 32, "dynamic_batching": {"delay_mode": "fixed", "max_queue_delay_us": 0}})
+    write_model(root, "slow", chain_model(SLOW_W, 64), config={"max_batch_size": 16})
+    write_model(root, "slow_small_queue", chain_model(SLOW_W, 64),
+                config={"max_batch_size": 16, "dynamic_batching": {"max_queue_size": 2}})
+    write_model(root, "any_width", any_width_model(), config={"max_batch_size": 64})
+    with running_server(root, device="cpu") as server:
+        yield server
+
+
+def statistics_of(server: RunningServer, model: str) -> pb.ModelStatistics:
+    (stats,) = server.stub().ModelStatistics(pb.ModelStatisticsRequest(name=model), timeout=10).model_stats
+    return stats
+
+
+def fire(stub: Any, model: str, arrays: list[np.ndarray], timeout: float = 60.0) -> list[Any]:
+    """Send every request at once (gRPC futures: all in flight together) and return the futures."""
+    return [stub.ModelInfer.future(infer_request(model, {"input": x}), timeout=timeout) for x in arrays]
+
+
+@pytest.mark.parametrize(("model", "weights", "depth"), [
+    ("mid", MID_W, 8), ("mid_two", MID_W, 8), ("tiny_fixed", CHAIN_W, 3),
+])
+def test_hundreds_of_concurrent_requests_through_the_server_each_get_their_own_rows(
+    perf_server: RunningServer, model: str, weights: np.ndarray, depth: int
+) -> None:
+    stub = perf_server.stub()
+    width = weights.shape[0]
+    row_counts = [int(n) for n in RNG.integers(1, 7, size=300)]
+    arrays = [RNG.standard_normal((rows, width)).astype(np.float32) for rows in row_counts]
+    before = statistics_of(perf_server, model)
+    futures = fire(stub, model, arrays)
+    for x, future in zip(arrays, futures, strict=True):
+        got = output_arrays(future.result())["output"]
+        assert got.shape == x.shape
+        np.testing.assert_allclose(got, chain_reference(x, weights, depth), rtol=1e-4, atol=1e-5)
+    after = statistics_of(perf_server, model)
+    requests = after.inference_stats.success.count - before.inference_stats.success.count
+    executions = after.execution_count - before.execution_count
+    assert requests == 300
+    assert after.inference_count - before.inference_count == sum(row_counts)
+    assert executions < requests, "the server ran every request alone: nothing was batched"
+
+
+def test_requests_of_different_widths_are_batched_apart_and_each_gets_its_own_result(
+    perf_server: RunningServer,
+) -> None:
+    stub = perf_server.stub()
+    arrays = [RNG.standard_normal((1 + i % 3, (2, 3, 5)[i % 3])).astype(np.float32) for i in range(90)]
+    for x, future in zip(arrays, fire(stub, "any_width", arrays), strict=True):
+        np.testing.assert_array_equal(output_arrays(future.result())["output"], x * 2)
+
+
+def test_max_queue_delay_zero_runs_lone_requests_at_once_and_still_answers_concurrent_ones(
+    perf_server: RunningServer,
+) -> None:
+    stub = perf_server.stub()
+    arrays = [RNG.standard_normal((2, 8)).astype(np.float32) for _ in range(50)]
+    for x, future in zip(arrays, fire(stub, "tiny_no_delay", arrays), strict=True):
+        np.testing.assert_allclose(output_arrays(future.result())["output"], chain_reference(x, CHAIN_W, 3),
+                                   rtol=1e-4, atol=1e-5)
+    before = statistics_of(perf_server, "tiny_no_delay")
+    for _ in range(30):
+        stub.ModelInfer(infer_request("tiny_no_delay", {"input": arrays[0]}), timeout=10)
+    after = statistics_of(perf_server, "tiny_no_delay")
+    queue = after.inference_stats.queue
+    queue_before = before.inference_stats.queue
+    mean_queue_s = (queue.ns - queue_before.ns) / (queue.count - queue_before.count) / 1e9
+    assert mean_queue_s < 0.0005
+
+
+@pytest.mark.parametrize("model", ["tiny_default", "tiny_fixed_default"])
+def test_lone_request_under_default_delays_is_not_delayed_by_a_millisecond(
+    perf_server: RunningServer, model: str
+) -> None:
+    """Default max_queue_delay (100 us), adaptive and fixed: the server-side queue time of a lone request must be
+    far below the ~1.1 ms that a millisecond-resolution timer made of it (generous bound for loaded machines)."""
+    stub = perf_server.stub()
+    x = RNG.standard_normal((1, 8)).astype(np.float32)
+    for _ in range(5):
+        stub.ModelInfer(infer_request(model, {"input": x}), timeout=10)
+    before = statistics_of(perf_server, model)
+    for _ in range(40):
+        stub.ModelInfer(infer_request(model, {"input": x}), timeout=10)
+    after = statistics_of(perf_server, model)
+    count = after.inference_stats.queue.count - before.inference_stats.queue.count
+    mean_queue_s = (after.inference_stats.queue.ns - before.inference_stats.queue.ns) / count / 1e9
+    assert count == 40
+    assert mean_queue_s < 0.0007, f"mean server queue time {mean_queue_s * 1e3:.3f} ms"
+
+
+BLOCKERS = 40
+"""Full requests queued ahead of the one under test: at >= 2 ms per 16-row batch of the slow model, >= 80 ms."""
+
+
+def occupy(stub: Any, model: str, batches: int) -> list[Any]:
+    """Queue `batches` full 16-row requests on a slow model, so that what comes next waits in its queue."""
+    return fire(stub, model, [np.full((16, 512), 0.01, dtype=np.float32) for _ in range(batches)])
+
+
+def test_request_whose_grpc_deadline_passes_while_queued_is_never_executed(perf_server: RunningServer) -> None:
+    stub = perf_server.stub()
+    before = statistics_of(perf_server, "slow")
+    blockers = occupy(stub, "slow", BLOCKERS)
+    time.sleep(0.01)
+    late = stub.ModelInfer.future(infer_request("slow", {"input": np.ones((3, 512), np.float32)}), timeout=0.05)
+    with pytest.raises(grpc.RpcError) as error:
+        late.result()
+    assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    for future in blockers:
+        future.result()
+    after = statistics_of(perf_server, "slow")
+    assert after.inference_count - before.inference_count == BLOCKERS * 16, "the expired request's 3 rows were executed"
+
+
+def test_request_cancelled_by_its_caller_while_queued_is_never_executed(perf_server: RunningServer) -> None:
+    stub = perf_server.stub()
+    before = statistics_of(perf_server, "slow")
+    blockers = occupy(stub, "slow", BLOCKERS)
+    time.sleep(0.01)
+    cancelled = stub.ModelInfer.future(infer_request("slow", {"input": np.ones((5, 512), np.float32)}), timeout=60)
+    time.sleep(0.01)
+    assert cancelled.cancel()
+    for future in blockers:
+        future.result()
+    time.sleep(0.05)
+    after = statistics_of(perf_server, "slow")
+    executed = after.inference_count - before.inference_count
+    assert executed == BLOCKERS * 16, "the cancelled request's 5 rows were executed"
+
+
+def test_full_queue_rejects_with_resource_exhausted_and_the_accepted_requests_succeed(
+    perf_server: RunningServer,
+) -> None:
+    stub = perf_server.stub()
+    futures = occupy(stub, "slow_small_queue", 12)
+    outcomes = []
+    details = []
+    for future in futures:
+        try:
+            future.result()
+            outcomes.append("ok")
+        except grpc.RpcError as error:
+            outcomes.append(error.code().name)
+            details.append(error.details() or "")
+    assert "RESOURCE_EXHAUSTED" in outcomes
+    assert all("max_queue_size 2" in text for text in details)
+    assert "ok" in outcomes
+    assert set(outcomes) <= {"ok", "RESOURCE_EXHAUSTED"}
+
+
+def test_model_config_reports_the_delay_mode_budget_of_each_model(perf_server: RunningServer, tmp_path: Path) -> None:
+    config = perf_server.stub().ModelConfig(pb.ModelConfigRequest(name="tiny_fixed"), timeout=10).config
+    assert config.dynamic_batching.max_queue_delay_microseconds == 3000

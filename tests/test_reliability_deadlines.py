@@ -1,0 +1,146 @@
+"""Deadlines and cancellation end to end, at every stage of a request: while queued, while its batch executes,
+and after completion. Nothing expired or cancelled while queued is executed; nothing completed is lost.
+
+tests/test_batcher.py proves the same rules on the batcher alone; here the deadline travels as a gRPC deadline and
+the cancellation as an HTTP/2 RST_STREAM from a real client, through the servicer, into the batcher. What ran is
+read back from ModelStatistics: the rows of every executed batch (batch_stats) and the failure reasons.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+import numpy as np
+import pytest
+
+from nnserve.protos import grpc_service_pb2 as pb
+from tests.conftest import (
+    DENSE_B,
+    DENSE_W,
+    RunningServer,
+    dense_model,
+    dense_reference,
+    infer_request,
+    output_arrays,
+    running_server,
+    slow_model,
+    wait_until,
+    write_model,
+)
+
+WIDTH = 1024
+BLOCKER = np.random.default_rng(1).standard_normal((64, WIDTH)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def slow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """One instance of a model that takes a few hundred milliseconds per 64-row batch, so requests can be caught
+    queued behind it or inside a running batch."""
+    repo = tmp_path_factory.mktemp("deadlines")
+    write_model(repo, "slow", slow_model(WIDTH, 384), config={"max_batch_size": 64, "instances": 1})
+    write_model(repo, "dense", dense_model(DENSE_W, DENSE_B), config={"max_batch_size": 8})
+    with running_server(repo) as running:
+        yield running
+
+
+def executed_rows(server: RunningServer) -> int:
+    """Rows of every batch the model executed so far."""
+    stats = server.stub().ModelStatistics(pb.ModelStatisticsRequest(name="slow"), timeout=10).model_stats[0]
+    return sum(b.batch_size * b.compute_infer.count for b in stats.batch_stats)
+
+
+def failures(server: RunningServer) -> dict[str, int]:
+    recorder = server.app.repository.get("slow").stats
+    return dict(recorder.failures)
+
+
+def executor(server: RunningServer) -> object:
+    return server.app.repository.get("slow").executor
+
+
+def wait_executing(server: RunningServer, batches: int = 1) -> None:
+    wait_until(lambda: executor(server).in_flight_batches == batches, 10, "a batch to start executing")  # type: ignore[attr-defined]
+
+
+def expected_output(server: RunningServer, x: np.ndarray) -> np.ndarray:
+    return output_arrays(server.stub().ModelInfer(infer_request("slow", {"input": x}), timeout=30))["output"]
+
+
+def test_request_whose_deadline_passes_while_queued_is_never_executed(slow_server: RunningServer) -> None:
+    stub = slow_server.stub()
+    before = executed_rows(slow_server)
+    blocker = stub.ModelInfer.future(infer_request("slow", {"input": BLOCKER}), timeout=30)
+    wait_executing(slow_server)
+    with pytest.raises(grpc.RpcError) as expired:
+        stub.ModelInfer(infer_request("slow", {"input": BLOCKER[:3]}), timeout=0.1)
+    assert expired.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    blocker.result()
+    wait_until(lambda: executor(slow_server).queue_depth == 0, 10, "the queue to empty")  # type: ignore[attr-defined]
+    assert executed_rows(slow_server) - before == 64  # the blocker's rows only: the 3 expired rows never ran
+    reasons = failures(slow_server)
+    assert reasons.get("deadline", 0) + reasons.get("cancelled", 0) >= 1
+
+
+def test_request_cancelled_while_queued_is_never_executed(slow_server: RunningServer) -> None:
+    stub = slow_server.stub()
+    before = executed_rows(slow_server)
+    cancelled_before = failures(slow_server).get("cancelled", 0)
+    blocker = stub.ModelInfer.future(infer_request("slow", {"input": BLOCKER}), timeout=30)
+    wait_executing(slow_server)
+    doomed = stub.ModelInfer.future(infer_request("slow", {"input": BLOCKER[:5]}), timeout=30)
+    wait_until(lambda: executor(slow_server).queue_depth == 1, 10, "the request to be queued")  # type: ignore[attr-defined]
+    assert doomed.cancel()
+    wait_until(lambda: executor(slow_server).queue_depth == 0, 10, "the cancelled request to leave the queue")  # type: ignore[attr-defined]
+    assert not blocker.done()  # it left the queue while the batch ahead of it was still running
+    blocker.result()
+    assert executed_rows(slow_server) - before == 64
+    assert failures(slow_server).get("cancelled", 0) == cancelled_before + 1
+
+
+def test_caller_leaving_during_execution_loses_only_its_own_result(slow_server: RunningServer) -> None:
+    stub = slow_server.stub()
+    x = BLOCKER[:32] * 0.5
+    wanted = expected_output(slow_server, x)
+    before = executed_rows(slow_server)
+    blocker = stub.ModelInfer.future(infer_request("slow", {"input": BLOCKER}), timeout=30)
+    wait_executing(slow_server)
+    keeper = stub.ModelInfer.future(infer_request("slow", {"input": x}), timeout=30)
+    leaver = stub.ModelInfer.future(infer_request("slow", {"input": BLOCKER[:1]}), timeout=30)
+    wait_until(lambda: executor(slow_server).queue_depth == 2, 10, "both requests to be queued")  # type: ignore[attr-defined]
+    blocker.result()
+    # The two queued requests now share the next batch, which is executing.
+    wait_until(lambda: executor(slow_server).queue_depth == 0, 10, "the next batch to be dispatched")  # type: ignore[attr-defined]
+    wait_executing(slow_server)
+    assert leaver.cancel()
+    np.testing.assert_allclose(output_arrays(keeper.result())["output"], wanted, atol=1e-5)
+    assert executed_rows(slow_server) - before == 64 + 33  # the leaver's row ran (onnxruntime cannot be stopped)
+    with pytest.raises(grpc.FutureCancelledError):
+        leaver.result()
+
+
+def test_completed_requests_are_delivered_and_counted_once_even_if_the_caller_cancels_afterwards(
+    slow_server: RunningServer,
+) -> None:
+    stub = slow_server.stub()
+    stats = slow_server.app.repository.get("dense").stats
+    successes, failed = stats.success.count, sum(stats.failures.values())
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    future = stub.ModelInfer.future(infer_request("dense", {"input": x}), timeout=30)
+    np.testing.assert_allclose(output_arrays(future.result())["output"], dense_reference(x), atol=1e-6)
+    assert not future.cancel()  # too late to cancel: the answer is already here
+    assert stats.success.count == successes + 1
+    assert sum(stats.failures.values()) == failed
+
+
+def test_every_response_of_a_stream_arrives_even_when_the_client_stops_sending_at_once(
+    slow_server: RunningServer,
+) -> None:
+    rng = np.random.default_rng(7)
+    inputs = [rng.standard_normal((1 + i % 3, 3)).astype(np.float32) for i in range(40)]
+    requests = [infer_request("dense", {"input": x}, request_id=f"r{i}") for i, x in enumerate(inputs)]
+    responses = list(slow_server.stub().ModelStreamInfer(iter(requests), timeout=30))
+    assert [r.infer_response.id for r in responses] == [f"r{i}" for i in range(40)]
+    for response, x in zip(responses, inputs, strict=True):
+        assert response.error_message == ""
+        np.testing.assert_allclose(output_arrays(response.infer_response)["output"], dense_reference(x), atol=1e-6)

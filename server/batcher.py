@@ -414,7 +414,8 @@ class DynamicBatcher:
             (part,) = split_outputs(outputs, (rows,))
         except Exception as exc:
             message = f"{self._label} failed to run a batch of {rows} rows (1 request): {_first_line(exc)}"
-            logger.warning("%s", message, exc_info=exc)
+            # DEBUG: the message can quote request values; the runner logs a data-free ERROR line itself.
+            logger.debug("%s", message, exc_info=exc)
             self._report(BatchStats(rows, 1, (waited,), time.perf_counter() - started, succeeded=False))
             raise ExecutionError(message) from None
         self._learn(rows, compute_seconds, compute_seconds)
@@ -660,7 +661,8 @@ class DynamicBatcher:
         """Fail every request of one batch with the same clear message; other batches are untouched."""
         total = sum(request.rows for request in batch)
         message = f"{self._label} failed to run a batch of {total} rows ({len(batch)} requests): {_first_line(exc)}"
-        logger.warning("%s", message, exc_info=exc)
+        # DEBUG: the message can quote request values; the runner logs a data-free ERROR line itself.
+        logger.debug("%s", message, exc_info=exc)
         for request in batch:
             _settle_error(request.future, ExecutionError(message))
         self._report(BatchStats(total, len(batch), queue_seconds, seconds, succeeded=False))

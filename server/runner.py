@@ -99,6 +99,10 @@ class ModelRunner:
         self._output_names = list(self.signature.output_names)
         use_binding = options.io_binding if options.io_binding is not None else provider == CUDA
         self._use_io_binding = use_binding
+        # onnxruntime prints execution errors to stderr itself, quoting input values; the server logs
+        # its own line instead (below), so the native logger stays silent at run time.
+        self._run_options = ort.RunOptions()
+        self._run_options.log_severity_level = 4
         self._device_type = "cuda" if provider == CUDA else "cpu"
 
     @classmethod
@@ -136,10 +140,14 @@ class ModelRunner:
         try:
             if self._use_io_binding:
                 return self._run_bound(inputs)
-            values = self._session.run(self._output_names, inputs)
+            values = self._session.run(self._output_names, inputs, self._run_options)
         except Exception as exc:
             rows = next(iter(inputs.values())).shape[0] if inputs else 0
-            log.error("model '%s' version %d failed on a batch of %d rows: %s", self.name, self.version, rows, exc)
+            # The error text can quote request values (e.g. an index out of range): the client gets it in its
+            # status message; the log at the default level gets only where it failed.
+            log.error("model '%s' version %d failed on a batch of %d rows (%s)", self.name, self.version, rows,
+                      _error_kind(exc))
+            log.debug("model '%s' version %d failure: %s", self.name, self.version, exc)
             raise ExecutionError(
                 f"model '{self.name}' version {self.version} failed to execute "
                 f"({_clean_ort_error(exc)}); see the server log"
@@ -165,7 +173,7 @@ class ModelRunner:
                 preallocated[spec.name] = out
             else:
                 binding.bind_output(spec.name, "cpu")
-        self._session.run_with_iobinding(binding)
+        self._session.run_with_iobinding(binding, self._run_options)
         if len(preallocated) == len(self._output_names):
             return preallocated
         copied = binding.copy_outputs_to_cpu()
@@ -267,3 +275,9 @@ def _clean_ort_error(exc: BaseException) -> str:
     if len(text) > 300:
         text = text[:297] + "..."
     return text or kind
+
+
+def _error_kind(exc: Exception) -> str:
+    """The part of an onnxruntime error that names no data: its status and the failing node, if given."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text.split(". ", 1)[0][:200]

@@ -147,9 +147,6 @@ def test_request_contents_and_names_never_reach_the_log_at_the_default_level(tmp
         assert secret not in log, secret
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: onnxruntime's execution error quotes the offending input value "
-                                       "(idx=...), and server/runner.py logs that text at ERROR (and onnxruntime "
-                                       "prints it to stderr)")
 def test_an_execution_failure_does_not_log_the_input_values_that_caused_it(tmp_path: Path) -> None:
     write_model(tmp_path / "repo", "dense", dense_model(DENSE_W, DENSE_B))
     write_model(tmp_path / "repo", "gather", gather_model(), config={"dynamic_batching": {"enabled": False}})

@@ -17,6 +17,7 @@ import asyncio
 import json
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc
@@ -29,19 +30,21 @@ from common import infer_request_bytes
 INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
 
 
-async def _drive(call, concurrency: int, warmup_s: float, duration_s: float) -> tuple[list[float], int, float]:  # type: ignore[no-untyped-def]
+async def _drive(
+    call: Callable[[int], Awaitable[None]], concurrency: int, warmup_s: float, duration_s: float
+) -> tuple[list[float], int, float]:
     """Warm up, then measure `duration_s` of closed-loop load; latencies of successful calls, errors, elapsed."""
     latencies: list[float] = []
     errors = 0
     measuring = False
     stop_at = time.monotonic() + warmup_s
 
-    async def worker() -> None:
+    async def worker(index: int) -> None:
         nonlocal errors
         while time.monotonic() < stop_at:
             started = time.perf_counter()
             try:
-                await call()
+                await call(index)
             except grpc.RpcError:
                 if measuring:
                     errors += 1
@@ -49,11 +52,11 @@ async def _drive(call, concurrency: int, warmup_s: float, duration_s: float) -> 
             if measuring:
                 latencies.append(time.perf_counter() - started)
 
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    await asyncio.gather(*(worker(i) for i in range(concurrency)))
     measuring = True
     started = time.monotonic()
     stop_at = started + duration_s
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    await asyncio.gather(*(worker(i) for i in range(concurrency)))
     return latencies, errors, time.monotonic() - started
 
 
@@ -67,12 +70,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
                     for _ in range(args.channels)]
         payload = infer_request_bytes(args.model, args.input, x)
         methods = [channel.unary_unary(INFER_METHOD) for channel in channels]
-        turn = 0
 
-        async def call() -> None:
-            nonlocal turn
-            turn += 1
-            await methods[turn % len(methods)](payload, timeout=args.timeout)
+        async def call(worker: int) -> None:
+            # Each caller keeps to one connection: a slower server process behind it slows only its own callers.
+            await methods[worker % len(methods)](payload, timeout=args.timeout)
 
         closers = [channel.close() for channel in channels]
     else:
@@ -82,7 +83,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
                                       channel_options=[("grpc.use_local_subchannel_pool", 1)])
         inputs = {args.input: x}
 
-        async def call() -> None:
+        async def call(worker: int) -> None:
             try:
                 await client.infer(args.model, inputs)
             except Exception as exc:  # the SDK's InferenceError: count it like an RpcError

@@ -27,7 +27,9 @@ class BatchingSettings:
     rejected before queueing; requests are never split across executions."""
 
     max_queue_delay_us: int = 100
-    """Longest time, in microseconds, a request waits for companions, counted from its arrival.
+    """Longest time, in microseconds, a request waits for companions, counted from its arrival: the window of the
+    `fixed` delay mode, the upper bound (latency budget) of the `adaptive` one. Waits are exact to tens of
+    microseconds (a timerfd, see `precise_timer`), not rounded up to asyncio's millisecond.
 
     Why 100 us: on the machines measured (design.md section 8) a request costs ~150-200 us of transport and Python
     and onnxruntime runs a small MLP in ~8 us at batch 1, so a lone request pays at most about half of its own cost
@@ -43,8 +45,10 @@ class BatchingSettings:
     request has waited `max_queue_delay_us`. `adaptive`: `max_queue_delay_us` is a budget, and a batch waits for
     the next request only while the measured per-batch cost and arrival pattern say the wait pays (the rule is in
     `nnserve.server.batch_policy`): a lone client or a tiny model never waits, bursts to a large model are gathered.
-    The default, because in measurements it was never worse than `fixed` and often better (see the README's
-    batching section); use `fixed` for Triton-like, predictable windows."""
+    The default because, measured side by side (benchmarks/run.py, 2 CPUs, two full runs), it was never worse than
+    `fixed` beyond the noise: the same throughput for the 25M-parameter network (x0.96-1.04 at every level) and
+    1.17-1.32x the requests per second of the seed network at concurrency 1, 8 and 64, whose lone requests no longer
+    sit out the window. Use `fixed` for Triton's predictable windows."""
 
     inline_max_compute_us: int = 50
     """Run a batch on the event loop itself, skipping the executor-thread hand-off, when the model's measured

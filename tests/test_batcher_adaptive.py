@@ -155,6 +155,16 @@ def test_cost_table_entries_follow_changes_and_ignore_impossible_sizes() -> None
     assert table.sizes == 1
 
 
+def test_cost_floor_follows_drops_at_once_and_rises_slowly() -> None:
+    """The inline decision's table: one-sided noise (a GIL wait after a run) must not make a tiny model look slow."""
+    table = CostTable(4, alpha_up=0.02, alpha_down=1.0)
+    table.record(1, 0.00001)
+    table.record(1, 0.005)  # one run that waited 5 ms for the GIL
+    assert table.entry(1) == pytest.approx(0.00001 + 0.02 * (0.005 - 0.00001))
+    table.record(1, 0.000008)
+    assert table.entry(1) == pytest.approx(0.000008)
+
+
 def burst_policy(budget_s: float, per_batch_s: float, gap_s: float, bursts: int = 30) -> AdaptiveDelay:
     """A policy that saw `bursts` bursts of 4 requests `gap_s` apart, batches costing per_batch_s + 10 us/row."""
     policy = AdaptiveDelay(budget_s, 64)

@@ -12,7 +12,7 @@ import numpy as np
 import onnxruntime as ort
 from pytriton.decorators import batch
 from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
-from pytriton.triton import Triton, TritonConfig
+from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
 
 
 def main() -> None:
@@ -30,7 +30,9 @@ def main() -> None:
 
     config = TritonConfig(grpc_port=int(grpc_port), http_port=int(http_port), metrics_port=int(metrics_port),
                           grpc_address="127.0.0.1", http_address="127.0.0.1")
-    with Triton(config=config) as triton:
+    # PyTriton protects the statistics and repository RPCs with a generated token by default; perf_analyzer needs
+    # ModelStatistics, and nothing but this benchmark reaches the loopback server.
+    with Triton(config=config, security_config=TritonSecurityConfig(restricted_endpoints=[])) as triton:
         triton.bind(
             model_name=name,
             infer_func=infer,

@@ -17,7 +17,7 @@ IR_VERSION = 10
 BATCH_DIM = "batch"
 
 _ONNX_DTYPES = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "float64": TensorProto.DOUBLE}
-_NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "float64": np.float64}
+_NUMPY_DTYPES: dict[str, type[np.floating]] = {"float32": np.float32, "float16": np.float16, "float64": np.float64}
 _SIMPLE_OPS = {"relu": "Relu", "sigmoid": "Sigmoid", "tanh": "Tanh"}
 
 

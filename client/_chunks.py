@@ -15,9 +15,9 @@ from nnserve.client.errors import InvalidInputError
 
 def row_count(inputs: Mapping[str, Any]) -> int:
     """The common axis-0 length of every input; differing lengths cannot be split consistently."""
-    lengths = {name: np.shape(value)[0] if np.ndim(value) else None for name, value in inputs.items()}
-    if not lengths or None in lengths.values():
+    if not inputs or any(np.ndim(value) == 0 for value in inputs.values()):
         raise InvalidInputError("infer_many needs inputs with at least one dimension (the rows to split)")
+    lengths = {name: int(np.shape(value)[0]) for name, value in inputs.items()}
     if len(set(lengths.values())) != 1:
         raise InvalidInputError(f"infer_many needs the same number of rows in every input, got {lengths}")
     return next(iter(lengths.values()))

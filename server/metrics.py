@@ -16,6 +16,8 @@ counters, `_info` on the info-style gauge. Every per-model series has the labels
 
 from __future__ import annotations
 
+import functools
+
 import asyncio
 import contextlib
 import glob
@@ -386,7 +388,7 @@ def _worker_process_metrics(pids: list[int]) -> list[Metric]:
     """ProcessCollector's metrics of each worker, as `nnserve_worker_process_*{pid=...}` families."""
     merged: dict[str, Metric] = {}
     for pid in pids:
-        collector = ProcessCollector(namespace="nnserve_worker", pid=lambda pid=pid: pid, registry=None)
+        collector = ProcessCollector(namespace="nnserve_worker", pid=functools.partial(int, pid), registry=None)
         for family in collector.collect():
             target = merged.setdefault(family.name, Metric(family.name, family.documentation, family.type))
             for sample in family.samples:

@@ -102,10 +102,10 @@ def supervise(settings: ServerSettings) -> int:
         signal.set_wakeup_fd(previous_wakeup)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        for worker in workers:
-            if worker.is_alive():
-                worker.kill()
-            worker.join(timeout=5)
+        for started in workers:
+            if started.is_alive():
+                started.kill()
+            started.join(timeout=5)
         wake_r.close()
         wake_w.close()
         reservation.close()
@@ -180,7 +180,7 @@ def _wait(
         with contextlib.suppress(BlockingIOError):
             wake.recv(64)
         for item in ready:
-            worker = sentinels.get(item)  # type: ignore[call-overload]
+            worker = sentinels.get(item)  # type: ignore[call-overload,arg-type]
             if worker is not None:
                 failed = worker
                 break

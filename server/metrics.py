@@ -16,10 +16,9 @@ counters, `_info` on the info-style gauge. Every per-model series has the labels
 
 from __future__ import annotations
 
-import functools
-
 import asyncio
 import contextlib
+import functools
 import glob
 import logging
 import os

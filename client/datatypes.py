@@ -9,22 +9,9 @@ from __future__ import annotations
 import numpy as np
 
 from nnserve.client.errors import InvalidInputError
+from nnserve.protos.datatypes import NUMPY_BY_DATATYPE
 
-_NUMPY_BY_DATATYPE: dict[str, np.dtype] = {
-    "BOOL": np.dtype(np.bool_),
-    "UINT8": np.dtype("<u1"),
-    "UINT16": np.dtype("<u2"),
-    "UINT32": np.dtype("<u4"),
-    "UINT64": np.dtype("<u8"),
-    "INT8": np.dtype("<i1"),
-    "INT16": np.dtype("<i2"),
-    "INT32": np.dtype("<i4"),
-    "INT64": np.dtype("<i8"),
-    "FP16": np.dtype("<f2"),
-    "FP32": np.dtype("<f4"),
-    "FP64": np.dtype("<f8"),
-    "BYTES": np.dtype(object),
-}
+_NUMPY_BY_DATATYPE = NUMPY_BY_DATATYPE
 
 _DATATYPE_BY_KIND_SIZE: dict[tuple[str, int], str] = {
     (dtype.kind, dtype.itemsize): name for name, dtype in _NUMPY_BY_DATATYPE.items() if name != "BYTES"

@@ -232,15 +232,11 @@ class ServingCollector(Collector):
         yield from serving_metrics(self._state)
 
 
-class MetricsServer:
-    """The `/metrics` HTTP endpoint, with its own registry (several servers can share a test process)."""
+class _MetricsEndpoint:
+    """A `/metrics` HTTP endpoint over its own registry (several servers can share a test process)."""
 
-    def __init__(self, state: ServingState) -> None:
+    def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.registry.register(ServingCollector(state))
-        ProcessCollector(registry=self.registry)
-        PlatformCollector(registry=self.registry)
-        GCCollector(registry=self.registry)
         self._http: Any = None
         self.port: int | None = None
 
@@ -255,6 +251,17 @@ class MetricsServer:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
+
+
+class MetricsServer(_MetricsEndpoint):
+    """The server's `/metrics`: its model versions, and the process."""
+
+    def __init__(self, state: ServingState) -> None:
+        super().__init__()
+        self.registry.register(ServingCollector(state))
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
 
 
 # -- several worker processes -------------------------------------------------------------------------------------
@@ -410,26 +417,13 @@ def _alive(pid: int) -> bool:
         return True
 
 
-class AggregatedMetricsServer:
+class AggregatedMetricsServer(_MetricsEndpoint):
     """`/metrics` of the supervisor: the workers' merged metrics and every process's own."""
 
     def __init__(self, directory: str) -> None:
-        self.registry = CollectorRegistry()
+        super().__init__()
         self.registry.register(AggregatedCollector(directory))
         ProcessCollector(registry=self.registry)
-        self._http: Any = None
-        self.port: int | None = None
-
-    def start(self, host: str, port: int) -> int:
-        self._http, _thread = start_http_server(port, addr=host, registry=self.registry)
-        self.port = int(self._http.server_address[1])
-        return self.port
-
-    def stop(self) -> None:
-        if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
-            self._http = None
 
 
 def serve_aggregated_metrics(host: str, port: int, multiproc_dir: str) -> None:

@@ -13,24 +13,12 @@ from typing import Any
 
 import numpy as np
 
+from nnserve.protos.datatypes import NUMPY_BY_DATATYPE
 from nnserve.server.errors import InvalidInputError
 from nnserve.server.limits import DEFAULT_LIMITS, RequestLimits, clip
 
-# Protocol datatype -> numpy dtype (little-endian, as the protocol's raw contents are).
-DATATYPES: dict[str, np.dtype[Any]] = {
-    "BOOL": np.dtype(np.bool_),
-    "UINT8": np.dtype("<u1"),
-    "UINT16": np.dtype("<u2"),
-    "UINT32": np.dtype("<u4"),
-    "UINT64": np.dtype("<u8"),
-    "INT8": np.dtype("<i1"),
-    "INT16": np.dtype("<i2"),
-    "INT32": np.dtype("<i4"),
-    "INT64": np.dtype("<i8"),
-    "FP16": np.dtype("<f2"),
-    "FP32": np.dtype("<f4"),
-    "FP64": np.dtype("<f8"),
-}
+# Protocol datatype -> numpy dtype (little-endian, as the protocol's raw contents are); BYTES is not served.
+DATATYPES: dict[str, np.dtype[Any]] = {name: dtype for name, dtype in NUMPY_BY_DATATYPE.items() if name != "BYTES"}
 
 # onnxruntime type strings -> protocol datatypes (BYTES/BF16 are not served).
 ORT_DATATYPES: dict[str, str] = {

@@ -35,33 +35,12 @@ from nnserve.protos import grpc_service_pb2 as pb
 from nnserve.protos import grpc_service_pb2_grpc as pb_grpc
 from nnserve.server.cli import OPTIONS
 from nnserve.server.settings import ServerSettings
+from tests.dockerfile import instructions, substitute
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKER = REPO / "deploy" / "docker"
 DOCKERFILES = {"cpu": DOCKER / "Dockerfile.cpu", "cuda": DOCKER / "Dockerfile.cuda"}
 SYSTEM_USER_COMMANDS = ("groupadd ", "useradd ")
-
-
-def instructions(dockerfile: Path) -> list[tuple[str, str]]:
-    """(INSTRUCTION, rest) per instruction, continuation lines joined and comments dropped."""
-    found: list[tuple[str, str]] = []
-    pending = ""
-    for line in dockerfile.read_text().splitlines():
-        if line.lstrip().startswith("#") or not line.strip():
-            continue
-        pending += line.rstrip()
-        if pending.endswith("\\"):
-            pending = pending[:-1] + " "
-            continue
-        word, _, rest = pending.strip().partition(" ")
-        found.append((word.upper(), rest.strip()))
-        pending = ""
-    return found
-
-
-def substitute(text: str, env: dict[str, str]) -> str:
-    """Dockerfile variable substitution ($VAR and ${VAR}) in ENV, COPY and WORKDIR."""
-    return re.sub(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?", lambda m: env.get(m.group(1), ""), text)
 
 
 def final_stage(dockerfile: Path) -> list[tuple[str, str]]:

@@ -46,6 +46,7 @@ from nnserve.protos import grpc_service_pb2 as pb
 from nnserve.protos import grpc_service_pb2_grpc as pb_grpc
 from nnserve.server.cli import OPTIONS, settings_from
 from nnserve.server.model_config import load_model_config
+from tests.dockerfile import instructions, substitute
 
 Obj = dict[str, Any]
 
@@ -505,7 +506,7 @@ def expand(text: str, env: dict[str, str]) -> str:
 def dockerfile_runtime_env(dockerfile: Path, overrides: dict[str, str]) -> dict[str, str]:
     """The final stage's ENV, `overrides` replacing a variable's value where it is set (before later expansion)."""
     env: dict[str, str] = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
-    for instruction, text in dockerfile_instructions(dockerfile):
+    for instruction, text in instructions(dockerfile):
         if instruction == "FROM":
             env = {"PATH": env["PATH"]}
         elif instruction == "ENV":
@@ -515,30 +516,8 @@ def dockerfile_runtime_env(dockerfile: Path, overrides: dict[str, str]) -> dict[
     return env
 
 
-def substitute(text: str, env: dict[str, str]) -> str:
-    """Dockerfile variable substitution ($VAR and ${VAR}) in ENV, COPY and WORKDIR."""
-    return re.sub(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?", lambda m: env.get(m.group(1), ""), text)
-
-
-def dockerfile_instructions(dockerfile: Path) -> list[tuple[str, str]]:
-    """(INSTRUCTION, rest) per instruction, continuation lines joined and comments dropped."""
-    instructions: list[tuple[str, str]] = []
-    pending = ""
-    for line in dockerfile.read_text().splitlines():
-        if line.lstrip().startswith("#") or not line.strip():
-            continue
-        pending += line.rstrip()
-        if pending.endswith("\\"):
-            pending = pending[:-1] + " "
-            continue
-        word, _, rest = pending.strip().partition(" ")
-        instructions.append((word.upper(), rest.strip()))
-        pending = ""
-    return instructions
-
-
 def dockerfile_uid(dockerfile: Path) -> int:
-    users = [text for instruction, text in dockerfile_instructions(dockerfile) if instruction == "USER"]
+    users = [text for instruction, text in instructions(dockerfile) if instruction == "USER"]
     return int(users[-1].split(":")[0])
 
 

@@ -33,6 +33,7 @@ from tests.conftest import (
     scale_model,
     serve_command,
     wait_for_health,
+    wait_until,
     write_model,
 )
 
@@ -212,6 +213,7 @@ def test_broken_new_version_under_load_keeps_the_old_version_serving_and_says_wh
         threads.extend(threading.Thread(target=client) for _ in range(3))
         for thread in threads:
             thread.start()
+        wait_until(lambda: len(seen) >= 3, 10, "requests flowing before the reload")
         stub = server.stub()
         version2 = write_model(tmp_path, "m", b"\x08\x0a\x12\x03truncated", version=2)
         with pytest.raises(grpc.RpcError) as caught:
@@ -229,6 +231,7 @@ def test_broken_new_version_under_load_keeps_the_old_version_serving_and_says_wh
         stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="m"), timeout=30)
         y = output_arrays(stub.ModelInfer(infer_request("m", {"x": x}), timeout=10))["y"]
         np.testing.assert_array_equal(y, x * 3)
+        wait_until(lambda: len(seen) > count, 10, "requests flowing after the reloads")
         stop.set()
         for thread in threads:
             thread.join(timeout=30)

@@ -105,7 +105,7 @@ OPTIONS: tuple[_Option, ...] = (
             "infer,metadata,repository or *; grpc.health.v1 stays open (inline alternative: env NNSERVE_AUTH_TOKENS)",
             "FILE"),
     _Option("intra_op_threads", "--intra-op-threads", int,
-            "default onnxruntime intra-op threads per session (0: onnxruntime's choice)", "N"),
+            "default onnxruntime intra-op threads per session (0: every CPU the cgroup quota allows)", "N"),
     _Option("inter_op_threads", "--inter-op-threads", int,
             "default onnxruntime inter-op threads per session (0: onnxruntime's choice)", "N"),
     _Option("graph_optimization_level", "--graph-optimization-level", str,

@@ -12,7 +12,7 @@ Schema (JSON)::
       "version_policy": {"latest": 1},      # or {"all": true} or {"specific": [1, 3]}
       "device": "auto",                     # auto | cuda | cpu (default: the server's --device)
       "device_id": 0,                       # CUDA ordinal (default: the server's --device-id)
-      "intra_op_threads": 0,                # onnxruntime threads (0: onnxruntime's choice)
+      "intra_op_threads": 0,                # onnxruntime threads (0: every CPU the cgroup quota allows)
       "inter_op_threads": 0,
       "graph_optimization_level": "all",    # disable | basic | extended | all
       "instances": 1,                       # sessions executing concurrently

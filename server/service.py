@@ -311,8 +311,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             inputs, rows = decode_inputs(request, signature, self._limits)
             names = requested_outputs(request, signature, self._limits)
             decoded = time.perf_counter_ns()
-            deadline = None if time_remaining is None else time.monotonic() + time_remaining
-            outcome = await served.executor.submit(inputs, deadline=deadline)
+            outcome = await served.executor.submit(inputs, deadline=expires)
             computed = time.perf_counter_ns()
             tensors, raw = encode_outputs(outcome.outputs, names, signature)
             response = pb.ModelInferResponse(

@@ -99,7 +99,7 @@ class ServerSettings:
     """The same lines inline (environment NNSERVE_AUTH_TOKENS only, `;` separates entries); never shown in repr."""
 
     intra_op_threads: int = 0
-    """Default onnxruntime intra-op threads per session (0: onnxruntime's choice)."""
+    """Default onnxruntime intra-op threads per session (0: every CPU the container's cgroup quota allows)."""
 
     inter_op_threads: int = 0
     """Default onnxruntime inter-op threads per session (0: onnxruntime's choice)."""

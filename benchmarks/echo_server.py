@@ -1,10 +1,14 @@
-"""The transport ceiling: a bare grpc.aio server with one generic unary handler that echoes the request.
+"""The transport ceiling: a bare grpc server with one generic unary handler that echoes the request.
 
 It answers `ModelInfer` by turning the request's bytes into a valid ModelInferResponse carrying the same tensors
 (a byte-level rewrite of the top-level fields: `raw_input_contents` (7) becomes `raw_output_contents` (6), the
 requested-outputs field (6) is dropped), so nnserve's SDK, the raw load generator and perf_analyzer can all drive it
 exactly as they drive a model server. The metadata RPCs perf_analyzer needs are answered with canned replies built
-once at start. No protobuf parsing, no numpy, no batching: what is left is grpc.aio's own cost per call.
+once at start. No protobuf parsing, no numpy, no batching: what is left is grpc's own cost per call.
+
+Three flavours, so that the ceiling is the fastest bare echo and not just one: grpc.aio on asyncio's event loop
+(nnserve's own stack), grpc.aio on uvloop (`--uvloop`), and grpc's synchronous server on a thread pool
+(`--threads N`).
 
 Run as `python benchmarks/echo_server.py --port 8001 --model echo --width 4` (one process, Ctrl-C or SIGTERM stops).
 """
@@ -14,6 +18,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+import threading
+from concurrent import futures
 
 import grpc
 
@@ -84,15 +90,25 @@ def canned_replies(model: str, width: int) -> dict[str, bytes]:
 
 
 class EchoHandler(grpc.GenericRpcHandler):
-    def __init__(self, canned: dict[str, bytes]) -> None:
-        async def infer(request: bytes, context: object) -> bytes:
+    """Coroutine handlers for grpc.aio; plain functions for the synchronous server (`asynchronous=False`)."""
+
+    def __init__(self, canned: dict[str, bytes], *, asynchronous: bool = True) -> None:
+        async def infer_async(request: bytes, context: object) -> bytes:
+            return echo_response(request)
+
+        def infer_sync(request: bytes, context: object) -> bytes:
             return echo_response(request)
 
         def constant(reply: bytes):  # type: ignore[no-untyped-def]
-            async def handler(request: bytes, context: object) -> bytes:
+            async def handler_async(request: bytes, context: object) -> bytes:
                 return reply
 
-            return handler
+            def handler_sync(request: bytes, context: object) -> bytes:
+                return reply
+
+            return handler_async if asynchronous else handler_sync
+
+        infer = infer_async if asynchronous else infer_sync
 
         self._handlers = {f"/{_SERVICE}/ModelInfer": grpc.unary_unary_rpc_method_handler(infer)}
         for name, reply in canned.items():
@@ -117,13 +133,39 @@ async def serve(host: str, port: int, model: str, width: int) -> None:
     await server.stop(1.0)
 
 
+def serve_threads(host: str, port: int, model: str, width: int, threads: int) -> None:
+    """grpc's synchronous server: a thread pool runs the handlers, grpc's own thread polls the completion queue."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=threads),
+        options=[("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)],
+    )
+    server.add_generic_rpc_handlers((EchoHandler(canned_replies(model, width), asynchronous=False),))
+    server.add_insecure_port(f"{host}:{port}")
+    server.start()
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    server.stop(1.0).wait()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--model", default="echo")
     parser.add_argument("--width", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=0, help="> 0: grpc's synchronous server with this many threads")
+    parser.add_argument("--uvloop", action="store_true", help="grpc.aio on uvloop's event loop instead of asyncio's")
     args = parser.parse_args()
+    if args.threads > 0:
+        serve_threads(args.host, args.port, args.model, args.width, args.threads)
+        return
+    if args.uvloop:
+        import uvloop
+
+        uvloop.run(serve(args.host, args.port, args.model, args.width))
+        return
     asyncio.run(serve(args.host, args.port, args.model, args.width))
 
 

@@ -5,8 +5,9 @@
 
 What it measures (design.md section 7, issue 4):
 
-* ceilings: onnxruntime `InferenceSession.run` in-process at batch 1, 8 and 64 (`ceiling.py`), and a bare grpc.aio
-  echo server of the same payload (`echo_server.py`);
+* ceilings: onnxruntime `InferenceSession.run` in-process at batch 1, 8 and 64 (`ceiling.py`), and a bare grpc
+  echo server of the same payload (`echo_server.py`) in three flavours: grpc.aio on asyncio (nnserve's own stack),
+  grpc.aio on uvloop, and grpc's synchronous thread-pool server; targets are given against the first and the best;
 * servers: nnserve (one process, defaults), nnserve with batching off, with the `fixed` delay mode, with
   `--workers 2`; MLServer 1.7.1 (with and without its adaptive batching) and Triton's core through PyTriton;
 * for the seed network (`examples/000_layer_4x3.json`, 4 -> 3) and a ~25M-parameter random MLP
@@ -132,11 +133,15 @@ def nnserve_server(name: str, repo: Path, *extra: str) -> Server:
     return Server(name, command, port, (SEED, BIG))
 
 
-def echo_server(model: str) -> Server:
+ECHO_FLAVOURS = ("echo", "echo-uvloop", "echo-sync")
+"""The bare echo servers: grpc.aio on asyncio (nnserve's stack), grpc.aio on uvloop, grpc's thread-pool server."""
+
+
+def echo_server(model: str, name: str = "echo", *flags: str, env: dict[str, str] | None = None) -> Server:
     port = free_port()
     command = [sys.executable, str(HERE / "echo_server.py"), "--port", str(port), "--model", model, "--width",
-               str(WIDTHS[model])]
-    return Server("echo", command, port, (model,))
+               str(WIDTHS[model]), *flags]
+    return Server(name, command, port, (model,), env=env or {})
 
 
 def servers(repo: Path, args: argparse.Namespace, skipped: dict[str, str]) -> list[Server]:
@@ -147,7 +152,14 @@ def servers(repo: Path, args: argparse.Namespace, skipped: dict[str, str]) -> li
         nnserve_server("nnserve-w2", repo, "--workers", "2"),
         echo_server(SEED),
         echo_server(BIG),
+        echo_server(SEED, "echo-sync", "--threads", "16"),
     ]
+    uvloop_path, why = peers.setup_uvloop(install=not args.no_install)
+    if uvloop_path is None:
+        skipped["echo-uvloop"] = why
+    else:
+        path = os.pathsep.join(p for p in (str(uvloop_path), os.environ.get("PYTHONPATH", "")) if p)
+        chosen.append(echo_server(SEED, "echo-uvloop", "--uvloop", env={"PYTHONPATH": path}))
     if args.quick or args.no_peers:
         skipped["mlserver"] = skipped["pytriton"] = "not run (--quick or --no-peers)"
         return chosen
@@ -266,7 +278,7 @@ def plan(server: Server, args: argparse.Namespace, have_pa: bool) -> list[Point]
         points += [Point(SEED, 1, c) for c in levels]
         if not args.quick and server.name in ("nnserve", "echo"):
             points += [Point(SEED, 1, c, "sdk") for c in levels]
-        if have_pa and server.perf_analyzer and server.name in ("nnserve", "nnserve-w2", "echo", "pytriton"):
+        if have_pa and server.perf_analyzer and server.name in ("nnserve", "nnserve-w2", "pytriton", *ECHO_FLAVOURS):
             points += [Point(SEED, 1, c, "perf_analyzer") for c in levels]
     if BIG in server.models:
         points += [Point(BIG, 1, c) for c in levels] + [Point(BIG, 8, 16)]
@@ -345,14 +357,17 @@ def targets(records: list[dict[str, Any]], ceiling: dict[str, Any]) -> list[dict
         on["rows_per_s"] / off["rows_per_s"] if on and off else None, 5.0,
         f"{on['rows_per_s']:.0f} vs {off['rows_per_s']:.0f} rows/s" if on and off else "not measured")
     for client in ("raw", "perf_analyzer"):
-        ours = best(records, "requests_per_s", model=SEED, rows=1, client=client, server="nnserve-w2")
-        single = best(records, "requests_per_s", model=SEED, rows=1, client=client, server="nnserve")
-        echo = best(records, "requests_per_s", model=SEED, rows=1, client=client, server="echo")
-        add(f"seed net request rate, nnserve --workers 2 vs bare echo (best over c=1,8,64) [{client}]",
-            ours["requests_per_s"] / echo["requests_per_s"] if ours and echo else None, 1.0,
-            f"{ours['requests_per_s']:.0f} (c={ours['concurrency']}) vs {echo['requests_per_s']:.0f} "
-            f"(c={echo['concurrency']}) req/s; one nnserve process: "
-            f"{single['requests_per_s']:.0f} req/s" if ours and echo and single else "not measured")
+        ours = max((r for r in (best(records, "requests_per_s", model=SEED, rows=1, client=client, server=name)
+                                for name in ("nnserve", "nnserve-w2")) if r), key=lambda r: r["requests_per_s"],
+                   default=None)
+        for label, flavours in (("bare grpc.aio echo (nnserve's stack)", ("echo",)),
+                                ("fastest bare echo", ECHO_FLAVOURS)):
+            echo = max((r for r in (best(records, "requests_per_s", model=SEED, rows=1, client=client, server=name)
+                                    for name in flavours) if r), key=lambda r: r["requests_per_s"], default=None)
+            add(f"seed net request rate, nnserve best vs {label} (best over c=1,8,64) [{client}]",
+                ours["requests_per_s"] / echo["requests_per_s"] if ours and echo else None, 1.0,
+                f"{ours['server']} {ours['requests_per_s']:.0f} (c={ours['concurrency']}) vs {echo['server']} "
+                f"{echo['requests_per_s']:.0f} (c={echo['concurrency']}) req/s" if ours and echo else "not measured")
     ours = max((r for r in (best(records, "requests_per_s", model=SEED, rows=1, client="raw", server=name)
                             for name in ("nnserve", "nnserve-w2")) if r), key=lambda r: r["requests_per_s"],
                default=None)
@@ -365,11 +380,15 @@ def targets(records: list[dict[str, Any]], ceiling: dict[str, Any]) -> list[dict
         if ours and mls else "MLServer not measured")
     for client in ("raw", "perf_analyzer"):
         ours1 = find(records, server="nnserve", model=SEED, rows=1, concurrency=1, client=client)
-        echo1 = find(records, server="echo", model=SEED, rows=1, concurrency=1, client=client)
-        add(f"seed net p50 at c=1, nnserve vs bare echo [{client}]",
-            ours1["p50_ms"] / echo1["p50_ms"] if ours1 and echo1 else None, 1.2,
-            f"{ours1['p50_ms']:.3f} vs {echo1['p50_ms']:.3f} ms" if ours1 and echo1 else "not measured",
-            lower_is_better=True)
+        for label, flavours in (("bare grpc.aio echo (nnserve's stack)", ("echo",)),
+                                ("fastest bare echo", ECHO_FLAVOURS)):
+            echoes = [r for r in (find(records, server=name, model=SEED, rows=1, concurrency=1, client=client)
+                                  for name in flavours) if r and r.get("p50_ms")]
+            echo1 = min(echoes, key=lambda r: r["p50_ms"], default=None)
+            add(f"seed net p50 at c=1, nnserve vs {label} [{client}]",
+                ours1["p50_ms"] / echo1["p50_ms"] if ours1 and echo1 else None, 1.2,
+                f"{ours1['p50_ms']:.3f} vs {echo1['server']} {echo1['p50_ms']:.3f} ms" if ours1 and echo1
+                else "not measured", lower_is_better=True)
     return out
 
 

@@ -11,14 +11,16 @@ import asyncio
 import contextlib
 import logging
 import signal
+import sys
 import time
 
 import grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from nnserve import __version__
 from nnserve.protos import grpc_service_pb2 as pb
 from nnserve.protos import grpc_service_pb2_grpc as pb_grpc
+from nnserve.server.decode_guard import GuardedRegistrar
 from nnserve.server.errors import DeviceUnavailableError
 from nnserve.server.health import SERVICE_NAME as HEALTH_SERVICE
 from nnserve.server.health import HealthReporter
@@ -26,8 +28,8 @@ from nnserve.server.metrics import MetricsServer, MultiprocessWriter, ServingSta
 from nnserve.server.providers import cuda_unavailable_reason
 from nnserve.server.repository import ModelEntry, ModelRepository, ModelState
 from nnserve.server.security import (
-    CallGate,
     SecurityConfigError,
+    TokenGate,
     TokenTable,
     install_log_filters,
     server_credentials,
@@ -156,8 +158,8 @@ async def create_server(settings: ServerSettings) -> tuple[InferenceServer, int]
     servicer = InferenceServicer(repository, settings)
     health = HealthReporter()
     grpc_server = grpc.aio.server(
-        # Token scopes (when configured) and INVALID_ARGUMENT for undecodable requests, on every call.
-        interceptors=[CallGate(tokens)],
+        # Token scopes, on every call; no interceptor at all without tokens (each costs every call).
+        interceptors=[] if tokens is None else [TokenGate(tokens)],
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -167,9 +169,13 @@ async def create_server(settings: ServerSettings) -> tuple[InferenceServer, int]
             ("grpc.so_reuseport", 1 if settings.reuse_port else 0),
         ]
     )
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, grpc_server)
-    health.add_to_server(grpc_server)
-    reflection.enable_server_reflection((INFERENCE_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), grpc_server)
+    registrar = GuardedRegistrar(grpc_server)  # INVALID_ARGUMENT for request bytes that do not parse
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, registrar)
+    health.add_to_server(registrar)
+    # The asyncio servicer named directly: enable_server_reflection picks it only for a grpc.aio.Server instance.
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+        reflection.aio.ReflectionServicer((INFERENCE_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME)), registrar
+    )
     try:
         if credentials is None:
             port = grpc_server.add_insecure_port(settings.grpc_address)
@@ -193,6 +199,7 @@ async def create_server(settings: ServerSettings) -> tuple[InferenceServer, int]
 
 async def serve(settings: ServerSettings) -> int:
     """Run until SIGTERM or SIGINT, then shut down gracefully; the process exit status."""
+    sys.setswitchinterval(settings.gil_switch_interval_us / 1e6)
     app, _port = await create_server(settings)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

@@ -95,7 +95,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 def test_flags_win_over_environment_variables_which_win_over_defaults(tmp_path: Path) -> None:
     env = {"NNSERVE_MODEL_REPOSITORY": str(tmp_path), "NNSERVE_GRPC_PORT": "9001", "NNSERVE_DEVICE": "cpu",
-           "NNSERVE_METRICS_PORT": "off", "NNSERVE_GRACE_PERIOD": "3.5", "NNSERVE_STRICT_READINESS": "false"}
+           "NNSERVE_METRICS_PORT": "off", "NNSERVE_GRACE_PERIOD": "3.5", "NNSERVE_STRICT_READINESS": "false",
+           "NNSERVE_GIL_SWITCH_INTERVAL_US": "250"}
     settings = settings_from(_parse(["--grpc-port", "9100"]), env)
     assert settings.model_repository == tmp_path
     assert settings.grpc_port == 9100
@@ -104,7 +105,10 @@ def test_flags_win_over_environment_variables_which_win_over_defaults(tmp_path: 
     assert settings.grace_period_s == 3.5
     assert settings.strict_readiness is False
     assert settings.host == "0.0.0.0"
-    assert settings_from(_parse(["--model-repository", str(tmp_path)]), {}).metrics_port == 8002
+    assert settings.gil_switch_interval_us == 250
+    defaults = settings_from(_parse(["--model-repository", str(tmp_path)]), {})
+    assert defaults.metrics_port == 8002
+    assert defaults.gil_switch_interval_us == 500
 
 
 @pytest.mark.parametrize(
@@ -115,6 +119,8 @@ def test_flags_win_over_environment_variables_which_win_over_defaults(tmp_path: 
         (["--model-repository", "r"], {"NNSERVE_DEVICE": "tpu"}, "NNSERVE_DEVICE: expected one of auto, cuda, cpu"),
         (["--model-repository", "r", "--grpc-port", "70000"], {}, "grpc_port must be a port number"),
         (["--model-repository", "r", "--strict-readiness", "maybe"], {}, "--strict-readiness: invalid value"),
+        (["--model-repository", "r", "--gil-switch-interval-us", "0"], {},
+         "gil_switch_interval_us must be an integer in [1, 1000000], got 0"),
     ],
 )
 def test_invalid_settings_name_the_flag_or_variable(argv: list[str], env: dict[str, str], fragment: str) -> None:

@@ -20,6 +20,8 @@ INSTALL_TIMEOUT_S = 900
 MLSERVER_PACKAGES = ("mlserver==1.7.1", "uvloop==0.21.0", "onnxruntime", "numpy")
 """MLServer 1.7.1 does not run with uvloop 0.22+ (design.md); it has no ONNX runtime, so ours is mlserver_runtime."""
 PYTRITON_PACKAGES = ("nvidia-pytriton==0.7.0", "onnxruntime", "numpy")
+UVLOOP_PACKAGE = "uvloop==0.23.0"
+"""For the echo server's uvloop flavour only; installed into a folder of its own, put on that process's path."""
 
 _RLOCK_FIX = textwrap.dedent('''\
     # PyTriton's Python-backend stub embeds a CPython 3.11 older than this interpreter's standard library: its C RLock
@@ -54,6 +56,27 @@ def _venv(name: str, packages: tuple[str, ...], install: bool) -> tuple[Path | N
         return None, f"pip install {' '.join(packages)} took more than {INSTALL_TIMEOUT_S} s"
     marker.write_text(" ".join(packages))
     return python, ""
+
+
+def setup_uvloop(install: bool) -> tuple[Path | None, str]:
+    """A folder holding uvloop (for PYTHONPATH), so the benchmark's interpreter can run the uvloop echo flavour."""
+    target = HERE.parent / ".cache" / "uvloop"
+    marker = target / ".installed"
+    if marker.exists() and marker.read_text() == UVLOOP_PACKAGE:
+        return target, ""
+    if not install:
+        return None, f"not installed (run without --no-install to create {target})"
+    shutil.rmtree(target, ignore_errors=True)
+    try:
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--target", str(target), UVLOOP_PACKAGE],
+                       check=True, capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S)
+    except subprocess.CalledProcessError as exc:
+        tail = " | ".join((exc.stderr or exc.stdout or "").strip().splitlines()[-3:])
+        return None, f"pip install {UVLOOP_PACKAGE} failed: {tail}"
+    except subprocess.TimeoutExpired:
+        return None, f"pip install {UVLOOP_PACKAGE} took more than {INSTALL_TIMEOUT_S} s"
+    marker.write_text(UVLOOP_PACKAGE)
+    return target, ""
 
 
 def setup_mlserver(install: bool) -> tuple[Path | None, str]:

@@ -8,7 +8,9 @@ once at start. No protobuf parsing, no numpy, no batching: what is left is grpc'
 
 Three flavours, so that the ceiling is the fastest bare echo and not just one: grpc.aio on asyncio's event loop
 (nnserve's own stack), grpc.aio on uvloop (`--uvloop`), and grpc's synchronous server on a thread pool
-(`--threads N`).
+(`--threads N`). A fourth, `--typed`, is not a ceiling but the floor under nnserve: its generated servicer and
+decoding guard, with protobuf messages parsed and built per call, and no model path (no validation, batching,
+onnxruntime or statistics), so that nnserve minus `--typed` is what serving a model costs.
 
 Run as `python benchmarks/echo_server.py --port 8001 --model echo --width 4` (one process, Ctrl-C or SIGTERM stops).
 """
@@ -118,11 +120,40 @@ class EchoHandler(grpc.GenericRpcHandler):
         return self._handlers.get(handler_call_details.method)
 
 
-async def serve(host: str, port: int, model: str, width: int) -> None:
+def add_typed_echo(server: grpc.aio.Server, canned: dict[str, bytes]) -> None:
+    """nnserve's registration (generated servicer, decoding guard) with an echo for ModelInfer."""
+    from nnserve.protos import grpc_service_pb2 as pb
+    from nnserve.protos import grpc_service_pb2_grpc as pb_grpc
+    from nnserve.server.decode_guard import GuardedRegistrar
+
+    replies = {name: getattr(pb, f"{name}Response").FromString(data) for name, data in canned.items()}
+
+    class TypedEcho(pb_grpc.GRPCInferenceServiceServicer):
+        async def ModelInfer(self, request: pb.ModelInferRequest, context: object) -> pb.ModelInferResponse:
+            return pb.ModelInferResponse(
+                model_name=request.model_name, model_version=request.model_version or "1", id=request.id,
+                outputs=[pb.ModelInferResponse.InferOutputTensor(name=t.name, datatype=t.datatype, shape=t.shape)
+                         for t in request.inputs],
+                raw_output_contents=list(request.raw_input_contents),
+            )
+
+    servicer = TypedEcho()
+    for name, reply in replies.items():
+        async def answer(request: object, context: object, reply: object = reply) -> object:
+            return reply
+
+        setattr(servicer, name, answer)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, GuardedRegistrar(server))
+
+
+async def serve(host: str, port: int, model: str, width: int, typed: bool = False) -> None:
     server = grpc.aio.server(
         options=[("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)]
     )
-    server.add_generic_rpc_handlers((EchoHandler(canned_replies(model, width)),))
+    if typed:
+        add_typed_echo(server, canned_replies(model, width))
+    else:
+        server.add_generic_rpc_handlers((EchoHandler(canned_replies(model, width)),))
     server.add_insecure_port(f"{host}:{port}")
     await server.start()
     stop = asyncio.Event()
@@ -157,6 +188,7 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=4)
     parser.add_argument("--threads", type=int, default=0, help="> 0: grpc's synchronous server with this many threads")
     parser.add_argument("--uvloop", action="store_true", help="grpc.aio on uvloop's event loop instead of asyncio's")
+    parser.add_argument("--typed", action="store_true", help="nnserve's servicer registration and protobuf messages")
     args = parser.parse_args()
     if args.threads > 0:
         serve_threads(args.host, args.port, args.model, args.width, args.threads)
@@ -166,7 +198,7 @@ def main() -> None:
 
         uvloop.run(serve(args.host, args.port, args.model, args.width))
         return
-    asyncio.run(serve(args.host, args.port, args.model, args.width))
+    asyncio.run(serve(args.host, args.port, args.model, args.width, typed=args.typed))
 
 
 if __name__ == "__main__":

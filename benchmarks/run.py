@@ -8,6 +8,7 @@ What it measures (design.md section 7, issue 4):
 * ceilings: onnxruntime `InferenceSession.run` in-process at batch 1, 8 and 64 (`ceiling.py`), and a bare grpc
   echo server of the same payload (`echo_server.py`) in three flavours: grpc.aio on asyncio (nnserve's own stack),
   grpc.aio on uvloop, and grpc's synchronous thread-pool server; targets are given against the first and the best;
+  and the floor under nnserve's own stack (`echo-typed`: its servicer registration and protobuf messages, no model);
 * servers: nnserve (one process, defaults), nnserve with batching off, with the `fixed` delay mode, with
   `--workers 2`; MLServer 1.7.1 (with and without its adaptive batching) and Triton's core through PyTriton;
 * for the seed network (`examples/000_layer_4x3.json`, 4 -> 3) and a ~25M-parameter random MLP
@@ -153,6 +154,7 @@ def servers(repo: Path, args: argparse.Namespace, skipped: dict[str, str]) -> li
         echo_server(SEED),
         echo_server(BIG),
         echo_server(SEED, "echo-sync", "--threads", "16"),
+        echo_server(SEED, "echo-typed", "--typed"),
     ]
     uvloop_path, why = peers.setup_uvloop(install=not args.no_install)
     if uvloop_path is None:
@@ -278,7 +280,8 @@ def plan(server: Server, args: argparse.Namespace, have_pa: bool) -> list[Point]
         points += [Point(SEED, 1, c) for c in levels]
         if not args.quick and server.name in ("nnserve", "echo"):
             points += [Point(SEED, 1, c, "sdk") for c in levels]
-        if have_pa and server.perf_analyzer and server.name in ("nnserve", "nnserve-w2", "pytriton", *ECHO_FLAVOURS):
+        if have_pa and server.perf_analyzer and server.name in ("nnserve", "nnserve-w2", "pytriton", "echo-typed",
+                                                                *ECHO_FLAVOURS):
             points += [Point(SEED, 1, c, "perf_analyzer") for c in levels]
     if BIG in server.models:
         points += [Point(BIG, 1, c) for c in levels] + [Point(BIG, 8, 16)]

@@ -1,6 +1,7 @@
-"""The benchmark's transport ceiling answers like a model server: each flavour of `benchmarks/echo_server.py` returns
-the request's tensor as a valid ModelInferResponse, so every client (the SDK here) measures it exactly as it measures
-nnserve. The uvloop flavour needs uvloop, which only the benchmark installs, so it is covered where uvloop imports.
+"""The benchmark's transport ceiling (and nnserve's stack floor, `--typed`) answers like a model server: each flavour
+of `benchmarks/echo_server.py` returns the request's tensor as a valid ModelInferResponse, so every client (the SDK
+here) measures it exactly as it measures nnserve. The uvloop flavour needs uvloop, which only the benchmark
+installs, so it is covered where uvloop imports.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from nnserve.client import InferenceClient
 from tests.conftest import free_port
 
 ECHO_SERVER = Path(__file__).resolve().parent.parent / "benchmarks" / "echo_server.py"
-FLAVOURS = [[], ["--threads", "4"]] + ([["--uvloop"]] if importlib.util.find_spec("uvloop") else [])
+FLAVOURS = [[], ["--threads", "4"], ["--typed"]] + ([["--uvloop"]] if importlib.util.find_spec("uvloop") else [])
 
 
 @pytest.fixture(params=FLAVOURS, ids=lambda flags: " ".join(flags) or "asyncio")

@@ -41,25 +41,21 @@ def guarded(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
         yield running.address, metadata
 
 
-def test_undecodable_unary_requests_get_invalid_argument_on_every_service(guarded: tuple[str, tuple]) -> None:
+@pytest.mark.parametrize("method", UNARY_METHODS + STREAM_METHODS)
+def test_undecodable_requests_get_invalid_argument_on_every_service(guarded: tuple[str, tuple], method: str) -> None:
     address, metadata = guarded
-    with grpc.insecure_channel(address) as channel:
-        for method in UNARY_METHODS:
-            call = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
-            with pytest.raises(grpc.RpcError) as caught:
-                call(TRUNCATED, timeout=10, metadata=metadata)
-            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, caught.value.details())
-            assert "not a valid protobuf message" in (caught.value.details() or ""), method
 
-
-def test_undecodable_stream_requests_get_invalid_argument(guarded: tuple[str, tuple]) -> None:
-    address, metadata = guarded
-    with grpc.insecure_channel(address) as channel:
-        for method in STREAM_METHODS:
+    def send(channel: grpc.Channel) -> object:
+        if method in STREAM_METHODS:
             call = channel.stream_stream(method, request_serializer=None, response_deserializer=None)
-            with pytest.raises(grpc.RpcError) as caught:
-                list(call(iter([TRUNCATED]), timeout=10, metadata=metadata))
-            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, caught.value.details())
+            return list(call(iter([TRUNCATED]), timeout=10, metadata=metadata))
+        call = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
+        return call(TRUNCATED, timeout=10, metadata=metadata)
+
+    with grpc.insecure_channel(address) as channel, pytest.raises(grpc.RpcError) as caught:
+        send(channel)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+    assert "not a valid protobuf message" in (caught.value.details() or "")
 
 
 def test_the_server_still_answers_correctly_after_undecodable_requests(guarded: tuple[str, tuple]) -> None:

@@ -48,7 +48,10 @@ def test_sigterm_under_continuous_load_fails_no_accepted_request_and_exits_withi
     tmp_path: Path,
 ) -> None:
     repo = tmp_path / "repo"
-    write_model(repo, "slow", slow_model(512, 32), config={"max_batch_size": 64, "instances": 1})
+    # 8 clients x 8 rows need two 32-row batches: while the second runs, the clients answered by the first send
+    # again, so requests always reach the server during the drain (with one 64-row batch they could all land after
+    # the listener closed, which made this test flaky).
+    write_model(repo, "slow", slow_model(512, 32), config={"max_batch_size": 32, "instances": 1})
     x = np.random.default_rng(3).standard_normal((8, 512)).astype(np.float32)
     outcomes: list[Outcome] = []
     stop = threading.Event()

@@ -196,7 +196,7 @@ def main() -> None:
     if args.uvloop:
         import uvloop
 
-        uvloop.run(serve(args.host, args.port, args.model, args.width))
+        uvloop.run(serve(args.host, args.port, args.model, args.width, typed=args.typed))
         return
     asyncio.run(serve(args.host, args.port, args.model, args.width, typed=args.typed))
 

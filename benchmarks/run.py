@@ -340,6 +340,12 @@ def best(records: list[dict[str, Any]], key: str, **match: Any) -> dict[str, Any
     return max(candidates, key=lambda r: r[key], default=None)
 
 
+def best_of(records: list[dict[str, Any]], key: str, servers: tuple[str, ...], **match: Any) -> dict[str, Any] | None:
+    """The record with the highest `key` among those of any of `servers` (each at its best point)."""
+    candidates = [r for r in (best(records, key, server=name, **match) for name in servers) if r]
+    return max(candidates, key=lambda r: r[key], default=None)
+
+
 def targets(records: list[dict[str, Any]], ceiling: dict[str, Any]) -> list[dict[str, Any]]:
     """The issue's targets as ratios of this run's medians."""
     out = []
@@ -360,23 +366,16 @@ def targets(records: list[dict[str, Any]], ceiling: dict[str, Any]) -> list[dict
         on["rows_per_s"] / off["rows_per_s"] if on and off else None, 5.0,
         f"{on['rows_per_s']:.0f} vs {off['rows_per_s']:.0f} rows/s" if on and off else "not measured")
     for client in ("raw", "perf_analyzer"):
-        ours = max((r for r in (best(records, "requests_per_s", model=SEED, rows=1, client=client, server=name)
-                                for name in ("nnserve", "nnserve-w2")) if r), key=lambda r: r["requests_per_s"],
-                   default=None)
+        ours = best_of(records, "requests_per_s", ("nnserve", "nnserve-w2"), model=SEED, rows=1, client=client)
         for label, flavours in (("bare grpc.aio echo (nnserve's stack)", ("echo",)),
                                 ("fastest bare echo", ECHO_FLAVOURS)):
-            echo = max((r for r in (best(records, "requests_per_s", model=SEED, rows=1, client=client, server=name)
-                                    for name in flavours) if r), key=lambda r: r["requests_per_s"], default=None)
+            echo = best_of(records, "requests_per_s", flavours, model=SEED, rows=1, client=client)
             add(f"seed net request rate, nnserve best vs {label} (best over c=1,8,64) [{client}]",
                 ours["requests_per_s"] / echo["requests_per_s"] if ours and echo else None, 1.0,
                 f"{ours['server']} {ours['requests_per_s']:.0f} (c={ours['concurrency']}) vs {echo['server']} "
                 f"{echo['requests_per_s']:.0f} (c={echo['concurrency']}) req/s" if ours and echo else "not measured")
-    ours = max((r for r in (best(records, "requests_per_s", model=SEED, rows=1, client="raw", server=name)
-                            for name in ("nnserve", "nnserve-w2")) if r), key=lambda r: r["requests_per_s"],
-               default=None)
-    mls = max((r for r in (best(records, "requests_per_s", model=SEED, rows=1, client="raw", server=name)
-                           for name in ("mlserver", "mlserver-batch")) if r), key=lambda r: r["requests_per_s"],
-              default=None)
+    ours = best_of(records, "requests_per_s", ("nnserve", "nnserve-w2"), model=SEED, rows=1, client="raw")
+    mls = best_of(records, "requests_per_s", ("mlserver", "mlserver-batch"), model=SEED, rows=1, client="raw")
     add("seed net request rate, nnserve best vs MLServer best configuration [raw]",
         ours["requests_per_s"] / mls["requests_per_s"] if ours and mls else None, 2.0,
         f"{ours['server']} {ours['requests_per_s']:.0f} vs {mls['server']} {mls['requests_per_s']:.0f} req/s"

@@ -59,9 +59,6 @@ class _Undecodable:
         self.reason = reason
 
 
-
-
-
 def guard_decoding(handler: Handler) -> Handler:
     """The handler with a deserializer that never raises and a behaviour that refuses what did not parse."""
     deserialize = handler.request_deserializer

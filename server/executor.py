@@ -14,7 +14,6 @@ import contextlib
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -26,21 +25,6 @@ from nnserve.server.errors import DeadlineExpiredError, QueueFullError, ServerUn
 RunFn = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
 
-class Outcome(Protocol):
-    """A request's own outputs and where its time went."""
-
-    @property
-    def outputs(self) -> dict[str, np.ndarray]: ...
-    @property
-    def queue_seconds(self) -> float: ...
-    @property
-    def compute_seconds(self) -> float: ...
-    @property
-    def batch_rows(self) -> int: ...
-    @property
-    def batch_requests(self) -> int: ...
-
-
 class Executor(Protocol):
     """What serving needs from a model's execution path."""
 
@@ -50,16 +34,7 @@ class Executor(Protocol):
     def in_flight_batches(self) -> int: ...
     async def start(self) -> None: ...
     async def stop(self, drain: bool = True, timeout: float | None = None) -> None: ...
-    async def submit(self, inputs: Mapping[str, np.ndarray], *, deadline: float | None = None) -> Outcome: ...
-
-
-@dataclass(frozen=True, slots=True)
-class DirectOutcome:
-    outputs: dict[str, np.ndarray]
-    queue_seconds: float
-    compute_seconds: float
-    batch_rows: int
-    batch_requests: int = 1
+    async def submit(self, inputs: Mapping[str, np.ndarray], *, deadline: float | None = None) -> BatchOutcome: ...
 
 
 class DirectExecutor:
@@ -109,7 +84,7 @@ class DirectExecutor:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
 
-    async def submit(self, inputs: Mapping[str, np.ndarray], *, deadline: float | None = None) -> DirectOutcome:
+    async def submit(self, inputs: Mapping[str, np.ndarray], *, deadline: float | None = None) -> BatchOutcome:
         if not self._accepting:
             raise ServerUnavailableError(f"{self._label} is not serving (not started or shutting down)")
         if self._waiting >= self._max_queue_size:
@@ -137,7 +112,7 @@ class DirectExecutor:
         # An unbatched model's request is one inference, whatever its shape.
         if self._on_batch is not None:
             self._on_batch(BatchStats(1, 1, (started - enqueued,), compute, succeeded=True))
-        return DirectOutcome(outputs, started - enqueued, compute, 1)
+        return BatchOutcome(outputs, started - enqueued, compute, 1, 1)
 
     async def _acquire(self, deadline: float | None) -> None:
         if deadline is None:
@@ -180,4 +155,4 @@ def _timed_run(run: RunFn, inputs: dict[str, np.ndarray]) -> tuple[dict[str, np.
     return outputs, time.perf_counter() - started
 
 
-__all__ = ["BatchOutcome", "DirectExecutor", "DirectOutcome", "Executor", "Outcome", "make_executor"]
+__all__ = ["BatchOutcome", "DirectExecutor", "Executor", "make_executor"]

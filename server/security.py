@@ -37,6 +37,7 @@ from typing import Any
 import grpc
 
 from nnserve.protos import grpc_service_pb2 as pb
+from nnserve.server.decode_guard import Handler
 
 log = logging.getLogger(__name__)
 
@@ -266,9 +267,6 @@ def install_log_filters() -> None:
 
 # ---------------------------------------------------------------------------------------------------------------
 # The gate: bearer-token scopes on every call (installed only when tokens are configured).
-
-
-Handler = Any  # grpc.RpcMethodHandler (a namedtuple in grpc's implementation)
 
 
 class TokenGate(grpc.aio.ServerInterceptor):

@@ -128,24 +128,30 @@ def scale_model(dtype: np.dtype[Any], factor: float, width: int = 4) -> onnx.Mod
     return finish_model(graph)
 
 
-def slow_model(width: int = 256, depth: int = 64) -> onnx.ModelProto:
-    """A tanh(x @ W) chain reusing one weight matrix: CPU work that grows with depth, from a small file."""
-    rng = np.random.default_rng(0)
-    weights = (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
+def chain_model(weights: np.ndarray, depth: int) -> onnx.ModelProto:
+    """output = tanh(... tanh(tanh(input @ W) @ W) ...), depth times: CPU work that grows with width and depth."""
     nodes = []
     current = "input"
     for i in range(depth):
         nodes.append(helper.make_node("MatMul", [current, "W"], [f"m{i}"]))
-        nodes.append(helper.make_node("Tanh", [f"m{i}"], [f"t{i}" if i < depth - 1 else "output"]))
-        current = f"t{i}"
+        out = "output" if i == depth - 1 else f"t{i}"
+        nodes.append(helper.make_node("Tanh", [f"m{i}"], [out]))
+        current = out
+    width = weights.shape[0]
     graph = helper.make_graph(
         nodes,
-        "slow",
+        "chain",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", width])],
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", width])],
         initializer=[numpy_helper.from_array(weights, "W")],
     )
     return finish_model(graph)
+
+
+def slow_model(width: int = 256, depth: int = 64) -> onnx.ModelProto:
+    """A chain reusing one fixed random weight matrix: CPU work that grows with depth, from a small file."""
+    rng = np.random.default_rng(0)
+    return chain_model((rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32), depth)
 
 
 def gather_model() -> onnx.ModelProto:

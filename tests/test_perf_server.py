@@ -17,32 +17,20 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from nnserve.protos import grpc_service_pb2 as pb
-from tests.conftest import RunningServer, finish_model, infer_request, output_arrays, running_server, write_model
+from tests.conftest import (
+    RunningServer,
+    chain_model,
+    finish_model,
+    infer_request,
+    output_arrays,
+    running_server,
+    write_model,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
 RNG = np.random.default_rng(11)
 CHAIN_W = (RNG.standard_normal((8, 8)) / np.sqrt(8)).astype(np.float32)
-
-
-def chain_model(weights: np.ndarray, depth: int) -> Any:
-    """output = tanh(... tanh(tanh(input @ W) @ W) ...), depth times: CPU work that grows with width and depth."""
-    nodes = []
-    current = "input"
-    for i in range(depth):
-        nodes.append(helper.make_node("MatMul", [current, "W"], [f"m{i}"]))
-        out = "output" if i == depth - 1 else f"t{i}"
-        nodes.append(helper.make_node("Tanh", [f"m{i}"], [out]))
-        current = out
-    width = weights.shape[0]
-    graph = helper.make_graph(
-        nodes,
-        "chain",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", width])],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", width])],
-        initializer=[numpy_helper.from_array(weights, "W")],
-    )
-    return finish_model(graph)
 
 
 def chain_reference(x: np.ndarray, weights: np.ndarray, depth: int) -> np.ndarray:

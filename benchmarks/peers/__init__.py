@@ -35,6 +35,18 @@ _RLOCK_FIX = textwrap.dedent('''\
 ''')
 
 
+def _install_step(arguments: list[str], description: str) -> str:
+    """Run one time-boxed install command; "" on success, else why it failed."""
+    try:
+        subprocess.run(arguments, check=True, capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S)
+    except subprocess.CalledProcessError as exc:
+        tail = " | ".join((exc.stderr or exc.stdout or "").strip().splitlines()[-3:])
+        return f"{description} failed: {tail}"
+    except subprocess.TimeoutExpired:
+        return f"{description} took more than {INSTALL_TIMEOUT_S} s"
+    return ""
+
+
 def _venv(name: str, packages: tuple[str, ...], install: bool) -> tuple[Path | None, str]:
     """The venv's python, creating it when allowed; (None, why) when it is not there and cannot be made."""
     root = VENVS / name
@@ -45,15 +57,10 @@ def _venv(name: str, packages: tuple[str, ...], install: bool) -> tuple[Path | N
     if not install:
         return None, f"not installed (run without --no-install to create {root})"
     shutil.rmtree(root, ignore_errors=True)
-    try:
-        subprocess.run([sys.executable, "-m", "venv", str(root)], check=True, capture_output=True, timeout=120)
-        subprocess.run([str(python), "-m", "pip", "install", "--quiet", *packages], check=True, capture_output=True,
-                       text=True, timeout=INSTALL_TIMEOUT_S)
-    except subprocess.CalledProcessError as exc:
-        tail = " | ".join((exc.stderr or exc.stdout or "").strip().splitlines()[-3:])
-        return None, f"pip install {' '.join(packages)} failed: {tail}"
-    except subprocess.TimeoutExpired:
-        return None, f"pip install {' '.join(packages)} took more than {INSTALL_TIMEOUT_S} s"
+    why = _install_step([sys.executable, "-m", "venv", str(root)], f"python -m venv {root}") or _install_step(
+        [str(python), "-m", "pip", "install", "--quiet", *packages], f"pip install {' '.join(packages)}")
+    if why:
+        return None, why
     marker.write_text(" ".join(packages))
     return python, ""
 
@@ -67,14 +74,10 @@ def setup_uvloop(install: bool) -> tuple[Path | None, str]:
     if not install:
         return None, f"not installed (run without --no-install to create {target})"
     shutil.rmtree(target, ignore_errors=True)
-    try:
-        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--target", str(target), UVLOOP_PACKAGE],
-                       check=True, capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S)
-    except subprocess.CalledProcessError as exc:
-        tail = " | ".join((exc.stderr or exc.stdout or "").strip().splitlines()[-3:])
-        return None, f"pip install {UVLOOP_PACKAGE} failed: {tail}"
-    except subprocess.TimeoutExpired:
-        return None, f"pip install {UVLOOP_PACKAGE} took more than {INSTALL_TIMEOUT_S} s"
+    why = _install_step([sys.executable, "-m", "pip", "install", "--quiet", "--target", str(target), UVLOOP_PACKAGE],
+                        f"pip install {UVLOOP_PACKAGE}")
+    if why:
+        return None, why
     marker.write_text(UVLOOP_PACKAGE)
     return target, ""
 

@@ -20,6 +20,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("nnserve.server.cli", "serve a model repository over the KServe v2 gRPC protocol"),
     "infer": ("nnserve.client.cli_infer", "send one inference request to a server"),
     "models": ("nnserve.client.cli_models", "list a server's models, versions, state and size"),
+    "wait": ("nnserve.client.cli_wait", "wait until a server (and the models named) is ready"),
     "bench": ("nnserve.client.cli_bench", "measure throughput and latency against a server"),
 }
 

@@ -17,6 +17,7 @@ from nnserve.client.errors import (
     InferenceError,
     InvalidInputError,
     ModelNotFoundError,
+    ServerNotReadyError,
     ServerOverloadedError,
     ServerUnavailableError,
 )
@@ -29,6 +30,7 @@ from nnserve.client.types import (
     ModelStatistics,
     RepositoryModel,
     ServerMetadata,
+    StatisticsSnapshot,
     TensorMetadata,
 )
 
@@ -47,7 +49,9 @@ __all__ = [
     "RepositoryModel",
     "RetryPolicy",
     "ServerMetadata",
+    "ServerNotReadyError",
     "ServerOverloadedError",
     "ServerUnavailableError",
+    "StatisticsSnapshot",
     "TensorMetadata",
 ]

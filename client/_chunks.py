@@ -23,12 +23,26 @@ def row_count(inputs: Mapping[str, Any]) -> int:
     return next(iter(lengths.values()))
 
 
-def split(inputs: Mapping[str, Any], batch_size: int) -> list[dict[str, np.ndarray]]:
-    """Views of consecutive `batch_size`-row slices (the last may be shorter); nothing is copied here."""
+def request_rows(batch_size: int, config: Any | None) -> int | None:
+    """Rows per request: `batch_size`, lowered to the model's `max_batch_size` (a ModelConfig, when known); None
+    for a model without a batch dimension (max_batch_size 0), which takes the whole input in one request."""
     if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    limit = int(config.max_batch_size) if config is not None else None
+    if limit == 0:
+        return None
+    return batch_size if limit is None else min(batch_size, limit)
+
+
+def split(inputs: Mapping[str, Any], batch_size: int | None) -> list[dict[str, np.ndarray]]:
+    """Views of consecutive `batch_size`-row slices (the last may be shorter), or the whole input as one chunk when
+    `batch_size` is None; nothing is copied here."""
+    if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     arrays = {name: np.asarray(value) for name, value in inputs.items()}
     rows = row_count(arrays)
+    if batch_size is None:
+        return [arrays]
     return [{name: a[start : start + batch_size] for name, a in arrays.items()} for start in range(0, rows, batch_size)]
 
 

@@ -23,6 +23,7 @@ from nnserve.client.types import (
     ModelStatistics,
     RepositoryModel,
     ServerMetadata,
+    StatisticsSnapshot,
     TensorMetadata,
 )
 from nnserve.protos import grpc_service_pb2 as pb
@@ -83,12 +84,12 @@ def model_config(model: str, version: str | int | None) -> Rpc[model_config_pb2.
     return Rpc("ModelConfig", request, lambda reply: reply.config)
 
 
-def model_statistics(model: str, version: str | int | None) -> Rpc[list[ModelStatistics]]:
+def model_statistics(model: str, version: str | int | None) -> Rpc[StatisticsSnapshot]:
     def duration(value: pb.StatisticDuration) -> Duration:
         return Duration(value.count, value.ns)
 
-    def decode(reply: pb.ModelStatisticsResponse) -> list[ModelStatistics]:
-        return [
+    def decode(reply: pb.ModelStatisticsResponse) -> StatisticsSnapshot:
+        return StatisticsSnapshot(
             ModelStatistics(
                 name=s.name,
                 version=s.version,
@@ -103,7 +104,7 @@ def model_statistics(model: str, version: str | int | None) -> Rpc[list[ModelSta
                 compute_output=duration(s.inference_stats.compute_output),
             )
             for s in reply.model_stats
-        ]
+        )
 
     return Rpc("ModelStatistics", pb.ModelStatisticsRequest(name=model, version=_version(version)), decode)
 

@@ -171,7 +171,7 @@ async def _drive(
 async def _statistics(client: AsyncInferenceClient, config: BenchConfig) -> list[ModelStatistics] | None:
     """A snapshot of the model's statistics, or None when the server does not report them."""
     try:
-        return await client.model_statistics(config.model, config.version, timeout=config.timeout_s)
+        return list(await client.model_statistics(config.model, config.version, timeout=config.timeout_s))
     except InferenceError:
         return None
 

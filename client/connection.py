@@ -98,13 +98,18 @@ class ConnectionSettings:
         return channel_target(self.url)
 
     def options(self) -> list[tuple[str, Any]]:
-        """Channel arguments: message limits, reconnect backoff, load balancing, keepalive, TLS name, extras."""
+        """Channel arguments: message limits, reconnect backoff, a connection of its own, load balancing,
+        keepalive, TLS name, extras."""
         initial, largest = self.reconnect_backoff_s
         options: dict[str, Any] = {
             "grpc.max_send_message_length": self.max_message_bytes,
             "grpc.max_receive_message_length": self.max_message_bytes,
             "grpc.initial_reconnect_backoff_ms": int(initial * 1000),
             "grpc.max_reconnect_backoff_ms": int(largest * 1000),
+            # A connection of this channel's own: by default gRPC shares one TCP connection among every channel of
+            # the process with the same target and arguments, so several clients would all reach one worker of a
+            # `--workers N` server (which balances connections).
+            "grpc.use_local_subchannel_pool": 1,
         }
         policy = self.load_balancing or ("round_robin" if _has_several_backends(self.url) else None)
         if policy is not None:

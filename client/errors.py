@@ -39,6 +39,15 @@ class ServerUnavailableError(InferenceError):
     """No server could be reached, or it is shutting down (UNAVAILABLE)."""
 
 
+class ServerNotReadyError(DeadlineExceededError):
+    """`wait_until_ready` ran out of time; `.not_ready` maps what was not ready ("" for the server, else a model
+    name) to what was last seen of it."""
+
+    def __init__(self, message: str, not_ready: dict[str, str]) -> None:
+        super().__init__(message, grpc.StatusCode.DEADLINE_EXCEEDED)
+        self.not_ready: dict[str, str] = not_ready
+
+
 _BY_CODE: dict[grpc.StatusCode, type[InferenceError]] = {
     grpc.StatusCode.NOT_FOUND: ModelNotFoundError,
     grpc.StatusCode.INVALID_ARGUMENT: InvalidInputError,
@@ -53,8 +62,29 @@ def error_for(code: grpc.StatusCode, message: str) -> InferenceError:
     return _BY_CODE.get(code, InferenceError)(message, code)
 
 
-def from_rpc_error(error: grpc.RpcError) -> InferenceError:
-    """Translate a sync or asyncio gRPC failure (both are `grpc.Call`s) into the client's hierarchy."""
+def from_rpc_error(error: grpc.RpcError, *, tls: bool | None = None) -> InferenceError:
+    """Translate a sync or asyncio gRPC failure (both are `grpc.Call`s) into the client's hierarchy.
+
+    `tls` says whether the channel used TLS: a failed connection then gets a hint when the likely cause is a TLS
+    mismatch, which gRPC reports only as "Socket closed" or a handshake failure.
+    """
     code = error.code() if callable(getattr(error, "code", None)) else None  # type: ignore[attr-defined]
     details = error.details() if callable(getattr(error, "details", None)) else None  # type: ignore[attr-defined]
-    return error_for(code or grpc.StatusCode.UNKNOWN, details or str(error))
+    code = code or grpc.StatusCode.UNKNOWN
+    message = details or str(error)
+    if code == grpc.StatusCode.UNAVAILABLE and tls is not None:
+        message += connection_hint(message, tls)
+    return error_for(code, message)
+
+
+def connection_hint(message: str, tls: bool) -> str:
+    """A sentence to append when a connection failure looks like a TLS mismatch ("" otherwise)."""
+    lowered = message.lower()
+    if not tls and "socket closed" in lowered:
+        return (" (the server closed the connection at once: if it serves TLS, connect with tls=True or "
+                "root_certificates=..., and a client certificate if it requires mutual TLS)")
+    if tls and ("handshake" in lowered or "ssl" in lowered or "wrong_version_number" in lowered):
+        return (" (the TLS handshake failed: the server may serve plaintext (connect without TLS), or its "
+                "certificate is not signed by root_certificates or does not name this host (tls_server_name), "
+                "or it requires a client certificate)")
+    return ""

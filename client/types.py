@@ -112,6 +112,33 @@ class ModelStatistics:
         return ModelStatistics(**values)  # type: ignore[arg-type]
 
 
+class StatisticsSnapshot(tuple[ModelStatistics, ...]):
+    """What `model_statistics` returns: one `ModelStatistics` per model version, in the server's order.
+
+    A tuple (index it, iterate it, `len` it) that also subtracts: `after - before` pairs the entries by model name
+    and version and subtracts each pair, so two snapshots give what happened in between; a version that is new in
+    `after` is kept as it is (it started from zero), one that is gone from `after` is left out.
+    """
+
+    __slots__ = ()
+
+    def get(self, model: str, version: str | int | None = None) -> ModelStatistics:
+        """The entry of one model (and version; the newest when None); KeyError naming the entries there are."""
+        matches = [s for s in self if s.name == model and (version is None or s.version == str(version))]
+        if not matches:
+            there = ", ".join(f"{s.name}:{s.version}" for s in self) or "none"
+            raise KeyError(f"no statistics for model {model!r} version {version!r}; entries: {there}")
+        return max(matches, key=lambda s: int(s.version) if s.version.isdigit() else -1)
+
+    def __sub__(self, other: tuple[ModelStatistics, ...]) -> StatisticsSnapshot:  # type: ignore[override]
+        if not isinstance(other, tuple):
+            return NotImplemented
+        earlier = {(s.name, s.version): s for s in other}
+        return StatisticsSnapshot(
+            s - earlier[(s.name, s.version)] if (s.name, s.version) in earlier else s for s in self
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class InferResult:
     """A whole inference response: the decoded outputs plus what the server echoed about the request.

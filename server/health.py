@@ -1,7 +1,8 @@
 """grpc.health.v1.Health for Kubernetes gRPC probes: "" is the server, and each model has its own name.
 
 "" is SERVING once start-up loading is done and the server is ready (strict readiness: every
-model ready), NOT_SERVING while loading or draining: the readiness probe. A model name is
+model it is meant to serve is ready; one unloaded on request no longer counts), NOT_SERVING
+while loading or draining: the readiness probe, answered by the same rule as ServerReady. A model name is
 SERVING while some version of it is ready. "liveness" is SERVING for as long as the process
 serves gRPC at all, loading and draining included, so a liveness probe never restarts a pod
 for a broken model or in the middle of a drain. On shutdown everything but "liveness" turns

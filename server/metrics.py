@@ -102,6 +102,11 @@ class _Families:
             "nnserve_requests", "Inference requests by outcome: success, or the reason they failed "
             f"({', '.join(FAILURE_REASONS)}); model and version are '_unknown' for names the server does not know.",
             labels=[*labels, "outcome"])
+        self.lookup_failures = CounterMetricFamily(
+            "nnserve_model_lookup_failures", "Failed ModelMetadata and ModelConfig calls (not inference requests) by "
+            "rpc and reason (not_found, not_ready); model and version are '_unknown' for names the server does not "
+            "know. Clients look a model up before inferring, so this counts requests for unknown models that never "
+            "reached nnserve_requests_total.", labels=[*labels, "rpc", "reason"])
         self.inferences = CounterMetricFamily(
             "nnserve_inferences", "Rows (batch items) inferred by successful requests.", labels=labels)
         self.executions = CounterMetricFamily(
@@ -173,6 +178,8 @@ class _Families:
             requests[labels] = requests.get(labels, 0) + count
         for labels, count in sorted(requests.items()):
             self.requests.add_metric(list(labels), count)
+        for lookup_labels, count in state.unrouted.lookup_snapshot():
+            self.lookup_failures.add_metric(list(lookup_labels), count)
 
     def add_executors(self, repository: ModelRepository) -> None:
         for entry in repository.entries():

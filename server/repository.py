@@ -87,6 +87,9 @@ class ModelEntry:
     reason: str = ""
     """Why the model as a whole is not served (bad config, no versions, unloaded), when it is not."""
     loading: bool = False
+    unloaded: bool = False
+    """Unloaded by a RepositoryModelUnload request: no longer meant to be served, so it does not count against the
+    server's readiness (a model that failed to load does)."""
     default: ServedVersion | None = field(init=False)
     """The newest ready version: what an empty version string selects."""
 
@@ -185,7 +188,15 @@ class ModelRepository:
         return [self._models[name] for name in sorted(self._models)]
 
     def all_ready(self) -> bool:
-        return self.startup_complete and all(e.state is ModelState.READY for e in self._models.values())
+        """Whether every model the server is meant to serve is ready: those loaded at start or by a load request and
+        not unloaded since. A model that failed to load counts against it; an explicitly unloaded one does not."""
+        return self.startup_complete and all(
+            e.state is ModelState.READY for e in self._models.values() if not e.unloaded
+        )
+
+    def not_ready(self) -> list[ModelEntry]:
+        """The models that keep `all_ready` false (for logs and messages)."""
+        return [e for e in self.entries() if not e.unloaded and e.state is not ModelState.READY]
 
     def recorders(self) -> list[StatisticsRecorder]:
         """Statistics of every version loaded since start (cumulative across reloads)."""
@@ -268,7 +279,9 @@ class ModelRepository:
             versions = {
                 v: VersionStatus(v, ModelState.UNAVAILABLE, "unloaded") for v in (old.versions if old else {})
             }
-            await self._swap(name, ModelEntry(name, versions, old.config if old else None, reason="unloaded"))
+            await self._swap(
+                name, ModelEntry(name, versions, old.config if old else None, reason="unloaded", unloaded=True)
+            )
             log.info("model '%s' unloaded", name)
 
     async def close(self, timeout: float | None = None) -> None:

@@ -10,12 +10,12 @@ Tokens: a token file (or `NNSERVE_AUTH_TOKENS`) holds one token per line with th
     3b7c9f2e61d04a8f9d2c7e5b1a0f4c3d8e9f6a7b5c4d3e2f1a0b9c8d7e6f5a4b  infer,metadata      app
     9f8e7d6c5b4a39281706f5e4d3c2b1a09f8e7d6c5b4a39281706f5e4d3c2b1a0  *                   ops
 
-Scopes: `infer` (ModelInfer, ModelStreamInfer), `metadata` (liveness/readiness RPCs of the v2 service, server and
-model metadata, model config, statistics, repository index, and server reflection), `repository` (load and
-unload), `*` for all three. `grpc.health.v1.Health` is never authenticated: kubelet gRPC probes cannot send
-metadata. Clients send `authorization: Bearer <token>`. Tokens are compared as SHA-256 digests with
-`hmac.compare_digest` against every configured token (no early exit), and never logged: logs name a token by its
-name or its line number.
+Scopes: `infer` (ModelInfer, ModelStreamInfer, and the read-only facts a client needs to run inference: ServerLive,
+ServerReady, ModelReady, ModelMetadata, ModelConfig), `metadata` (those facts plus server metadata, statistics,
+repository index, and server reflection), `repository` (load and unload), `*` for all three.
+`grpc.health.v1.Health` is never authenticated: kubelet gRPC probes cannot send metadata. Clients send
+`authorization: Bearer <token>`. Tokens are compared as SHA-256 digests with `hmac.compare_digest` against every
+configured token (no early exit), and never logged: logs name a token by its name or its line number.
 
 The gate (`TokenGate`, a grpc.aio server interceptor) checks scopes on every call when tokens are configured.
 Requests that do not parse are refused by `nnserve.server.decode_guard`, which wraps the handlers once when the
@@ -66,6 +66,12 @@ INFERENCE_METHOD_SCOPES: dict[str, str] = {
     "RepositoryModelLoad": REPOSITORY,
     "RepositoryModelUnload": REPOSITORY,
 }
+INFER_ALSO_GRANTS: frozenset[str] = frozenset(
+    {"ServerLive", "ServerReady", "ModelReady", "ModelMetadata", "ModelConfig"}
+)
+"""`metadata` RPCs that an `infer` token may call too: what a client needs to run inference on a model (its readiness,
+input names and datatypes, max_batch_size), so that an application holding only `infer` can use the SDK and CLI.
+Statistics, the repository index, server metadata and reflection stay `metadata` only."""
 OPEN_SERVICES: tuple[str, ...] = ("grpc.health.v1.Health",)
 """Services reachable without a token: the probes' health service only."""
 REFLECTION_SERVICES: tuple[str, ...] = (
@@ -74,8 +80,9 @@ REFLECTION_SERVICES: tuple[str, ...] = (
 )
 """Reflection describes the services (grpcurl needs it): `metadata` scope, like the other descriptive RPCs."""
 
-_METHOD_SCOPES: dict[str, str | None] = {
-    **{f"/{_INFERENCE_SERVICE}/{method}": scope for method, scope in INFERENCE_METHOD_SCOPES.items()},
+_METHOD_SCOPES: dict[str, frozenset[str]] = {
+    f"/{_INFERENCE_SERVICE}/{method}": frozenset({scope, INFER} if method in INFER_ALSO_GRANTS else {scope})
+    for method, scope in INFERENCE_METHOD_SCOPES.items()
 }
 _TOKEN_RE = re.compile(r"[A-Za-z0-9\-._~+/]+=*")  # RFC 6750 b64token: what may follow "Bearer "
 _BEARER_RE = re.compile(r"bearer +(\S+) *", re.IGNORECASE)
@@ -222,16 +229,25 @@ def _digest(token: str) -> bytes:
 
 
 def required_scope(method: str) -> str | None:
-    """The scope a full method name (`/package.Service/Method`) needs; None for open services."""
+    """The scope a full method name (`/package.Service/Method`) is listed under; None for open services."""
     service = method[1:].rpartition("/")[0]
     if service in OPEN_SERVICES:
         return None
-    scope = _METHOD_SCOPES.get(method)
-    if scope is not None:
-        return scope
+    short = method.rpartition("/")[2]
+    if method in _METHOD_SCOPES:
+        return INFERENCE_METHOD_SCOPES[short]
     if service in REFLECTION_SERVICES:
         return METADATA
     return REPOSITORY  # anything unlisted is treated as the most privileged: fail closed
+
+
+def accepted_scopes(method: str) -> frozenset[str] | None:
+    """Every scope that lets a token call `method` (its own, and `infer` for INFER_ALSO_GRANTS); None: open."""
+    listed = _METHOD_SCOPES.get(method)
+    if listed is not None:
+        return listed
+    scope = required_scope(method)
+    return None if scope is None else frozenset({scope})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -293,8 +309,8 @@ class TokenGate(grpc.aio.ServerInterceptor):
 
     def _authorize(self, method: str, metadata: Any) -> tuple[grpc.StatusCode, str] | None:
         """None when the call may proceed, else the status and message to refuse it with."""
-        scope = required_scope(method)
-        if scope is None:
+        scopes = accepted_scopes(method)
+        if scopes is None:
             return None
         rpc = method.rpartition("/")[2] or method
         values = [value for key, value in (metadata or ()) if key == "authorization"]
@@ -314,7 +330,8 @@ class TokenGate(grpc.aio.ServerInterceptor):
         if entry is None:
             log.debug("refused %s: unknown bearer token", method)
             return grpc.StatusCode.UNAUTHENTICATED, "the bearer token is not valid on this server"
-        if scope not in entry.scopes:
+        if not scopes & entry.scopes:
+            scope = required_scope(method)
             log.debug("refused %s: token %s lacks scope %s", method, entry.name, scope)
             return grpc.StatusCode.PERMISSION_DENIED, (
                 f"the token does not grant the '{scope}' scope that {rpc} needs "

@@ -163,14 +163,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return self._server_metadata
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
-        served = await self._lookup(request.name, request.version, context)
+        served = await self._lookup(request.name, request.version, context, "ModelMetadata")
         response = self._metadata_cache.get(served)
         if response is None:
             response = self._metadata_cache[served] = self._build_metadata(served)
         return response
 
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:
-        served = await self._lookup(request.name, request.version, context)
+        served = await self._lookup(request.name, request.version, context, "ModelConfig")
         response = self._config_cache.get(served)
         if response is None:
             response = self._config_cache[served] = pb.ModelConfigResponse(config=build_model_config(served))
@@ -364,16 +364,20 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     def _record_unrouted(self, request: pb.ModelInferRequest, reason: str) -> None:
         """Count a request that never reached a version, under label values the repository bounds."""
+        self.unrouted.record(*self._bounded_labels(request.model_name, request.model_version), reason)
+
+    def _bounded_labels(self, model: str, version: str) -> tuple[str, str]:
         try:
-            versions: Collection[int] | None = self._repository.entry(request.model_name).versions
+            versions: Collection[int] | None = self._repository.entry(model).versions
         except ServingError:
             versions = None
-        self.unrouted.record(*unrouted_labels(request.model_name, request.model_version, versions), reason)
+        return unrouted_labels(model, version, versions)
 
-    async def _lookup(self, name: str, version: str, context: Any) -> ServedVersion:
+    async def _lookup(self, name: str, version: str, context: Any, rpc: str) -> ServedVersion:
         try:
             return self._repository.get(name, version)
         except ServingError as exc:
+            self.unrouted.record_lookup(*self._bounded_labels(name, version), rpc, failure_reason(exc))
             await context.abort(status_code(exc), client_message(str(exc)))
         raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
 

@@ -217,12 +217,22 @@ class UnroutedRequests:
     """
 
     counts: Counter[tuple[str, str, str]] = field(default_factory=Counter)
+    lookups: Counter[tuple[str, str, str, str]] = field(default_factory=Counter)
+    """Failed ModelMetadata / ModelConfig lookups by (model, version, rpc, reason): clients (the SDK, the CLI,
+    tritonclient) ask for metadata before their first inference, so a request for an unknown model often ends
+    there and never becomes an inference request."""
 
     def record(self, model: str, version: str, reason: str) -> None:
         self.counts[(model, version, reason)] += 1
 
+    def record_lookup(self, model: str, version: str, rpc: str, reason: str) -> None:
+        self.lookups[(model, version, rpc, reason)] += 1
+
     def snapshot(self) -> list[tuple[tuple[str, str, str], int]]:
         return sorted(self.counts.copy().items())
+
+    def lookup_snapshot(self) -> list[tuple[tuple[str, str, str, str], int]]:
+        return sorted(self.lookups.copy().items())
 
 
 def unrouted_labels(model: str, version: str, known_versions: Collection[int] | None) -> tuple[str, str]:

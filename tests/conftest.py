@@ -379,6 +379,19 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+@contextmanager
+def held_port() -> Iterator[int]:
+    """A loopback port bound by the test but not listening: every connection to it is refused, and nothing else can
+    take it, until a server started with SO_REUSEPORT (`reuse_port=True`) listens on it beside this socket. Use it
+    for "no server there" checks instead of a port that was free a moment ago."""
+    import socket
+
+    with socket.socket() as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        holder.bind(("127.0.0.1", 0))
+        yield int(holder.getsockname()[1])
+
+
 def serve_command(repository: Path, port: int, *extra: str) -> list[str]:
     return [sys.executable, "-m", "nnserve", "serve", "--model-repository", str(repository), "--host", "127.0.0.1",
             "--grpc-port", str(port), "--metrics-port", "off", *extra]

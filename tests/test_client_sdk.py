@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,16 +26,20 @@ from nnserve.client import (
     InvalidInputError,
     ModelMetadata,
     ModelNotFoundError,
+    RetryPolicy,
     ServerOverloadedError,
     ServerUnavailableError,
+    StatisticsSnapshot,
     TensorMetadata,
     _codec,
 )
+from nnserve.client.retry import Attempts
 from nnserve.protos import grpc_service_pb2 as pb
 from tests.conftest import (
     RunningServer,
     ServeProcess,
-    free_port,
+    dense_reference,
+    held_port,
     running_server,
     serve_process,
     slow_model,
@@ -123,12 +126,17 @@ def test_model_config_carries_batching_provider_and_parameter_count(client: Infe
 
 
 def test_model_statistics_count_each_request_and_row(client: InferenceClient) -> None:
-    (before,) = client.model_statistics(LAYER)
+    before = client.model_statistics(LAYER)
+    everything_before = client.model_statistics()
     client.infer(LAYER, np.ones((3, 4), dtype=np.float32))
     client.infer(LAYER, np.ones((2, 4), dtype=np.float32))
-    (after,) = client.model_statistics(LAYER, 1)
-    delta = after - before
+    snapshots = client.model_statistics(LAYER, 1) - before  # snapshots subtract, as the README says
+    assert isinstance(snapshots, StatisticsSnapshot)
+    (delta,) = snapshots
     assert (delta.name, delta.version) == (LAYER, "1")
+    across = (client.model_statistics() - everything_before).get(LAYER)
+    assert (across.success.count, across.inference_count) == (2, 5)
+    assert (client.model_statistics() - everything_before).get(SOFTMAX).success.count == 0
     assert delta.success.count == 2
     assert delta.inference_count == 5
     assert delta.success.mean_ms is not None
@@ -279,11 +287,10 @@ def test_an_expired_deadline_raises_deadline_exceeded(tmp_path: Path) -> None:
 
 
 def test_oversized_request_raises_server_overloaded_without_retrying(server: RunningServer) -> None:
-    with InferenceClient(server.address, max_message_bytes=512 * 1024 * 1024) as big:
-        started = time.monotonic()
-        with pytest.raises(ServerOverloadedError, match="larger than max"):
-            big.infer(LAYER, np.zeros((5_000_000, 4), dtype=np.float32))  # 80 MB, over the server's 64 MiB
-    assert time.monotonic() - started < 5
+    with InferenceClient(server.address, max_message_bytes=512 * 1024 * 1024) as big, \
+            pytest.raises(ServerOverloadedError, match="larger than max") as caught:
+        big.infer(LAYER, np.zeros((5_000_000, 4), dtype=np.float32))  # 80 MB, over the server's 64 MiB
+    assert Attempts(RetryPolicy(), timeout_s=60).next_delay_s(caught.value) is None  # the same request fails again
 
 
 def test_a_full_queue_raises_server_overloaded(tmp_path: Path) -> None:
@@ -317,7 +324,8 @@ def test_unmapped_status_codes_raise_the_base_class(shared: InferenceClient) -> 
 
 def test_no_server_listening_raises_server_unavailable() -> None:
     with (
-        InferenceClient(f"127.0.0.1:{free_port()}", retry=None, timeout=5) as nobody,
+        held_port() as port,
+        InferenceClient(f"127.0.0.1:{port}", retry=None, timeout=5) as nobody,
         pytest.raises(ServerUnavailableError) as caught,
     ):
         nobody.is_server_live()
@@ -343,9 +351,30 @@ def test_infer_many_splits_keeps_order_and_reports_progress(
     assert "100/100 rows" in capsys.readouterr().err
 
 
-def test_infer_many_raises_the_first_failure() -> None:
-    with InferenceClient(f"127.0.0.1:{free_port()}", retry=None) as nobody, pytest.raises(ServerUnavailableError):
+def test_infer_many_raises_the_first_failure_and_ends_the_progress_line(
+    shared: InferenceClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with held_port() as port, InferenceClient(f"127.0.0.1:{port}", retry=None) as nobody, \
+            pytest.raises(ServerUnavailableError):
         nobody.infer_many(LAYER, {"input": np.ones((10, 4), dtype=np.float32)}, batch_size=2)
+    with pytest.raises(InvalidInputError):  # every request fails at the server: float64 for an FP32 input
+        shared.infer_many("dense", {"input": np.ones((100, 3))}, batch_size=8, progress=True)
+    err = capsys.readouterr().err
+    assert "0/100 rows" in err
+    assert err.endswith("\n")
+
+
+def test_infer_many_keeps_each_request_within_the_models_max_batch_size(
+    shared: InferenceClient, server: RunningServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    x = np.random.default_rng(4).standard_normal((3000, 3)).astype(np.float32)
+    before = shared.model_statistics("dense")
+    got = shared.infer_many("dense", x, batch_size=64, progress=True)  # dense serves at most 8 rows per request
+    np.testing.assert_allclose(got, dense_reference(x), rtol=1e-5, atol=1e-5)
+    assert (shared.model_statistics("dense") - before).get("dense").success.count == 3000 // 8
+    assert "3000/3000 rows" in capsys.readouterr().err
+    fixed = np.array([[-1.0, 2.0, -3.0], [4.0, -5.0, 6.0]], dtype=np.float32)  # no batch dimension: one request
+    np.testing.assert_array_equal(shared.infer_many("fixed", fixed, batch_size=1), np.maximum(fixed, 0))
 
 
 # -- asyncio client --------------------------------------------------------------------------------------------

@@ -6,13 +6,13 @@ TLS and mutual TLS (`nnserve serve --tls-*`) with certificates generated in the 
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 
@@ -20,7 +20,8 @@ from nnserve.builder import load_spec
 from nnserve.builder.reference import forward
 from nnserve.client import AsyncInferenceClient, InferenceClient, Keepalive, RetryPolicy, ServerUnavailableError
 from nnserve.client.connection import ConnectionSettings, call_metadata, channel_target
-from tests.conftest import RunningServer, ServeProcess, free_port, serve_command, serve_process, wait_for_health
+from nnserve.client.retry import Attempts
+from tests.conftest import RunningServer, ServeProcess, held_port, running_server, serve_process
 from tests.pki import Pki, make_pki, serve_tls
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -51,40 +52,46 @@ def test_gzip_keepalive_and_a_bearer_token_do_not_change_results(server: Running
 # -- retries ---------------------------------------------------------------------------------------------------
 
 
-def test_client_retries_unavailable_until_a_late_server_comes_up(standard_repo: Path, tmp_path: Path) -> None:
-    port = free_port()
-    url = f"127.0.0.1:{port}"
-    with InferenceClient(url, retry=None) as impatient, pytest.raises(ServerUnavailableError):
-        impatient.is_server_live()  # nothing listens yet: without retries this fails at once
-    late: list[subprocess.Popen[bytes]] = []
-    log = (tmp_path / "late.log").open("wb")
-    command = serve_command(standard_repo, port, "--device", "cpu")
-    starter = threading.Timer(0.8, lambda: late.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)))
-    patient = RetryPolicy(max_attempts=200, initial_backoff_s=0.05, max_backoff_s=0.2)
-    started = time.monotonic()
-    starter.start()
-    try:
-        with InferenceClient(url, retry=patient, timeout=30) as client:
-            assert client.is_server_live()
-            waited = time.monotonic() - started
-            wait_for_health(url)
-            np.testing.assert_allclose(client.infer(SOFTMAX, X), expected("001_two_layer_softmax.json", X), rtol=1e-6)
-    finally:
-        starter.join()
-        for process in late:
-            process.kill()
-            process.wait(10)
-        log.close()
-    assert waited >= 0.8  # it answered only after the server started, through retries
+def test_client_retries_unavailable_until_a_late_server_comes_up(standard_repo: Path) -> None:
+    with held_port() as port:
+        url = f"127.0.0.1:{port}"
+        with InferenceClient(url, retry=None) as impatient, pytest.raises(ServerUnavailableError):
+            impatient.is_server_live()  # nothing listens yet: without retries this fails at once
+        patient = RetryPolicy(max_attempts=1_000_000, initial_backoff_s=0.05, max_backoff_s=0.2)  # bounded by time
+        outcome: dict[str, object] = {}
+        with InferenceClient(url, retry=patient, timeout=60) as client:
+            channel = client._connect()[0][0]
+            tried = threading.Event()
+            channel.subscribe(lambda state: state is grpc.ChannelConnectivity.TRANSIENT_FAILURE and tried.set(),
+                              try_to_connect=True)
+
+            def call() -> None:
+                try:
+                    outcome["live"] = client.is_server_live()
+                except Exception as exc:
+                    outcome["error"] = exc
+
+            caller = threading.Thread(target=call)
+            caller.start()
+            assert tried.wait(30)  # the first attempt failed to connect before the server existed
+            with running_server(standard_repo, grpc_port=port, reuse_port=True):
+                caller.join(60)
+                assert outcome == {"live": True}  # answered only through retries
+                np.testing.assert_allclose(client.infer(SOFTMAX, X), expected("001_two_layer_softmax.json", X),
+                                           rtol=1e-6)
 
 
 def test_retries_stop_at_the_deadline_and_at_max_attempts() -> None:
-    url = f"127.0.0.1:{free_port()}"
-    with InferenceClient(url, retry=RetryPolicy(max_attempts=1000, max_backoff_s=0.1), timeout=0.5) as c:
+    with held_port() as port, InferenceClient(
+        f"127.0.0.1:{port}", retry=RetryPolicy(max_attempts=1_000_000, max_backoff_s=0.1), timeout=0.5
+    ) as c:
         started = time.monotonic()
         with pytest.raises(ServerUnavailableError):
             c.is_server_live()
-        assert time.monotonic() - started < 2.0
+        assert time.monotonic() - started < 10.0  # a 0.5 s deadline; 20x margin for a busy machine
+    unavailable = ServerUnavailableError("no server", grpc.StatusCode.UNAVAILABLE)
+    attempts = Attempts(RetryPolicy(max_attempts=3, initial_backoff_s=0.0, max_backoff_s=0.0), None)
+    assert [attempts.next_delay_s(unavailable) for _ in range(4)] == [0.0, 0.0, None, None]
     policy = RetryPolicy(max_attempts=3, initial_backoff_s=0.01, max_backoff_s=0.01)
     assert all(0 <= policy.backoff_s(n) <= 0.01 for n in range(10))
     assert RetryPolicy.disabled().max_attempts == 1
@@ -146,11 +153,21 @@ def test_tls_client_verifies_the_server_with_the_given_ca(standard_repo: Path, p
             assert secure.is_model_ready(SOFTMAX)
         with (
             InferenceClient(server.address, tls=True, retry=None, timeout=5) as untrusting,
-            pytest.raises(ServerUnavailableError),
+            pytest.raises(ServerUnavailableError) as untrusted,
         ):
             untrusting.is_server_live()  # system roots do not trust the test CA
-        with InferenceClient(server.address, retry=None, timeout=5) as plaintext, pytest.raises(ServerUnavailableError):
+        assert "the TLS handshake failed" in untrusted.value.message
+        with InferenceClient(server.address, retry=None, timeout=5) as plaintext, \
+                pytest.raises(ServerUnavailableError) as refused:
             plaintext.is_server_live()
+        assert "if it serves TLS, connect with tls=True" in refused.value.message
+
+
+def test_a_tls_client_against_a_plaintext_server_is_told_why(server: RunningServer, pki: Pki) -> None:
+    with InferenceClient(server.address, root_certificates=pki.ca, retry=None, timeout=5) as secure, \
+            pytest.raises(ServerUnavailableError) as caught:
+        secure.is_server_live()
+    assert "the server may serve plaintext" in caught.value.message
 
 
 def test_mutual_tls_needs_the_client_certificate(standard_repo: Path, pki: Pki, tmp_path: Path) -> None:

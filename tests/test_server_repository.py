@@ -181,6 +181,44 @@ def test_explicit_mode_loads_a_new_model_and_unloads_it(tmp_path: Path) -> None:
             health_pb2.HealthCheckResponse.NOT_SERVING
 
 
+def test_readiness_counts_the_models_meant_to_be_served_not_the_unloaded_ones(tmp_path: Path) -> None:
+    """One rule for ServerReady, health "" and the SDK's wait_until_ready: every model loaded at start or by a load
+    request and not unloaded since must be ready; a failed load counts against it, an explicit unload does not."""
+    write_model(tmp_path, "good", dense_model(DENSE_W, DENSE_B))
+    write_model(tmp_path, "other", scale_model(np.dtype(np.float32), 2.0))
+    with running_server(tmp_path, model_control="explicit") as server:
+        stub, health = server.stub(), server.health()
+
+        def readiness() -> tuple[bool, int]:
+            return (stub.ServerReady(pb.ServerReadyRequest(), timeout=5).ready,
+                    health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status)
+
+        serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+        assert readiness() == (True, serving)
+        stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="other"), timeout=30)
+        assert readiness() == (True, serving)  # everything still meant to be served is ready: stay in rotation
+        assert not stub.ModelReady(pb.ModelReadyRequest(name="other"), timeout=5).ready
+
+        write_model(tmp_path, "broken", b"not onnx")
+        assert rpc_error(stub.RepositoryModelLoad, pb.RepositoryModelLoadRequest(model_name="broken")).code() == \
+            grpc.StatusCode.FAILED_PRECONDITION
+        assert readiness() == (False, not_serving)  # asked for and not ready: out of rotation
+        stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="broken"), timeout=30)
+        assert readiness() == (True, serving)
+        stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="other"), timeout=30)
+        assert readiness() == (True, serving)
+        assert stub.ModelReady(pb.ModelReadyRequest(name="other"), timeout=5).ready
+
+
+def test_a_model_that_failed_at_start_keeps_the_server_unready(tmp_path: Path) -> None:
+    write_model(tmp_path, "good", dense_model(DENSE_W, DENSE_B))
+    write_model(tmp_path, "broken", b"not onnx")
+    with running_server(tmp_path, health_service="liveness") as server:
+        assert not server.stub().ServerReady(pb.ServerReadyRequest(), timeout=5).ready
+        assert server.health().Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status == \
+            health_pb2.HealthCheckResponse.NOT_SERVING
+
+
 def test_failed_reload_keeps_serving_the_loaded_version(tmp_path: Path) -> None:
     path = write_model(tmp_path, "m", scale_model(np.dtype(np.float32), 2.0))
     with running_server(tmp_path, model_control="explicit") as server:

@@ -14,6 +14,8 @@ from nnserve.builder.repository import EXTERNAL_DATA_THRESHOLD_BYTES, MODEL_FILE
 from nnserve.builder.spec import NetworkSpec, SpecError, is_plain_name, load_spec, parse_spec
 from nnserve.builder.verify import VerificationReport, verify_model
 
+FP16_SUFFIX = "_fp16"
+
 
 @dataclass(frozen=True)
 class BuildResult:
@@ -55,25 +57,26 @@ def build(
     """Validate, export, check and verify a network, then write it into `repository`.
 
     Nothing is written unless every step passes. With `skip_unchanged`, nothing is written
-    either when the latest version was built from the same network (same spec hash and dtype),
-    so re-running a build script does not pile up identical versions.
+    either when the version the build would compare with (`version`, else the latest) was built
+    from the same network (same spec hash and dtype), so re-running a build script does not pile
+    up identical versions. `target_name` says which model it writes to (an fp16 build gets its own).
     """
     network = resolve_spec(spec)
-    model_name = name or network.name
-    if not is_plain_name(model_name):
-        raise SpecError(network.source, "--name", f"expected letters, digits, '_', '-' or '.', found {model_name!r}")
-    dtype = "float16" if fp16 else network.dtype
-    if skip_unchanged and version is None:
-        latest = _latest_if_same(Path(repository) / model_name, network, dtype)
-        if latest is not None:
-            return BuildResult(latest[0], latest[1], network, dtype, None, skipped=True)
-    model = export_onnx(network, dtype=dtype)
+    if fp16:
+        network = network.with_dtype("float16")
+    model_name = target_name(network, name=name, version=version, fp16=fp16)
+    dtype = network.dtype
+    if skip_unchanged:
+        same = _same_network_at(Path(repository) / model_name, version, network)
+        if same is not None:
+            return BuildResult(same[0], same[1], network, dtype, None, skipped=True)
+    model = export_onnx(network)
     reports: list[VerificationReport] = []
 
     def check(path: Path) -> None:
         onnx.checker.check_model(str(path), full_check=True)  # the path form also handles external data
         if verify:
-            reports.append(verify_model(path, network, dtype))
+            reports.append(verify_model(path, network, network.dtype))
 
     model_path, final_version = write_model(
         model,
@@ -86,15 +89,40 @@ def build(
     return BuildResult(model_path, final_version, network, dtype, reports[0] if reports else None)
 
 
-def _latest_if_same(model_dir: Path, network: NetworkSpec, dtype: str) -> tuple[Path, int] | None:
+def target_name(network: NetworkSpec, *, name: str | None, version: int | None, fp16: bool) -> str:
+    """The model a build writes to: `name` when given; else `<spec name>_fp16` for an fp16 build without an
+    explicit version; else the spec's name.
+
+    An fp16 model takes FP16 tensors, so as the next version of the float32 model it would replace it for every
+    client under the default version policy. An explicit `version` keeps the spec's name: asking for version N of
+    the spec's model is how to put the fp16 model beside (or after) the float32 versions on purpose.
+    """
+    if name:
+        if not is_plain_name(name):
+            raise SpecError(network.source, "--name", f"expected letters, digits, '_', '-' or '.', found {name!r}")
+        return name
+    if fp16 and version is None:
+        fp16_name = network.name + FP16_SUFFIX
+        if not is_plain_name(fp16_name):
+            raise SpecError(
+                network.source, "--fp16", f"the fp16 model's name {fp16_name!r} is too long; give one with --name"
+            )
+        return fp16_name
+    return network.name
+
+
+def _same_network_at(model_dir: Path, version: int | None, network: NetworkSpec) -> tuple[Path, int] | None:
+    """(path, version) of `version` (else the latest one) when it holds this network in this dtype."""
     versions = existing_versions(model_dir)
-    if not versions:
+    if version is None and versions:
+        version = versions[-1]
+    if version is None or version not in versions:
         return None
-    path = model_dir / str(versions[-1]) / MODEL_FILENAME
+    path = model_dir / str(version) / MODEL_FILENAME
     try:
         props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-    except Exception:  # an unreadable latest version is simply not "the same"
+    except Exception:  # an unreadable version is simply not "the same"
         return None
-    if props.get("nnserve.spec_sha256") == network.spec_sha256 and props.get("nnserve.dtype") == dtype:
-        return path, versions[-1]
+    if props.get("nnserve.spec_sha256") == network.spec_sha256 and props.get("nnserve.dtype") == network.dtype:
+        return path, version
     return None

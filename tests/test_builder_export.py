@@ -193,6 +193,24 @@ def test_cli_broken_spec_prints_layer_and_field_and_writes_nothing(tmp_path: Pat
     assert not (tmp_path / "repo").exists()
 
 
+def test_cli_reports_every_problem_of_every_spec_and_writes_nothing(tmp_path: Path) -> None:
+    first, second = tmp_path / "first.json", tmp_path / "second.json"
+    first.write_text(json.dumps({"name": "a", "layers": [{"weights": [0.4, "a"], "bias": 0.1, "activation": "relu"}]}))
+    second.write_text(json.dumps({"name": "b", "input_size": 2, "layers": [
+        {"weights": [[1, 2]], "bias": [0, 0], "activation": "swish"}]}))
+    good = str(EXAMPLES / "000_layer_4x3.json")
+    proc = nnserve("build", good, str(first), str(second), "-r", str(tmp_path / "repo"), cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [
+        f"error: {first}: field 'input_size': required but missing: the number of input features (a positive integer)",
+        f"error: {first}: layer 0, field 'weights', element 1: expected a number, found a string (\"a\")",
+        f"error: {second}: layer 0, field 'activation': expected one of "
+        "['linear', 'relu', 'sigmoid', 'tanh', 'gelu', 'gelu_tanh', 'softmax'], found 'swish'",
+        f"error: {second}: layer 0, field 'bias': expected 1 value (one per neuron), found shape (2,)",
+    ]
+    assert not (tmp_path / "repo").exists()
+
+
 def test_cli_json_output_is_machine_readable(tmp_path: Path) -> None:
     proc = nnserve("build", str(EXAMPLES / "002_exercise2.json"), "--json", "-r", str(tmp_path / "repo"), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from nnserve.builder import SpecError, load_spec, parse_spec
+from nnserve.builder.spec import MAX_PROBLEMS_PER_FIELD
 
 
 def one_layer(**layer: Any) -> dict[str, Any]:
@@ -165,3 +166,80 @@ def test_model_names_must_be_plain(name: str, tmp_path: Path) -> None:
     doc = one_layer()
     doc["name"] = name
     assert "field 'name'" in str(error_of(doc, tmp_path))
+
+
+def test_a_non_number_in_a_weight_vector_names_the_element_and_what_it_is(tmp_path: Path) -> None:
+    doc = {"name": "n", "input_size": 2, "layers": [{"weights": [0.4, "a"], "bias": 0.1, "activation": "relu"}]}
+    err = error_of(doc, tmp_path)
+    assert str(err).endswith("layer 0, field 'weights', element 1: expected a number, found a string (\"a\")")
+    assert "row" not in str(err)
+
+
+def test_a_non_number_in_a_matrix_names_its_row_and_element(tmp_path: Path) -> None:
+    err = error_of(one_layer(weights=[[1.0, 2.0, 3.0], [4.0, None, True]]), tmp_path)
+    assert [p.where for p in err.problems] == [
+        "layer 0, field 'weights', row 1, element 1", "layer 0, field 'weights', row 1, element 2"]
+    assert [p.detail for p in err.problems] == [
+        "expected a number, found null", "expected a number, found a boolean (true)"]
+
+
+def test_a_number_among_matrix_rows_is_named_as_a_row(tmp_path: Path) -> None:
+    err = error_of(one_layer(weights=[[1.0, 2.0, 3.0], 0.5]), tmp_path)
+    assert "layer 0, field 'weights', row 1: expected a row (a list of numbers) like the other rows, found a number" \
+        in str(err)
+
+
+def test_a_missing_input_size_is_reported_as_a_missing_required_field(tmp_path: Path) -> None:
+    doc = one_layer()
+    del doc["input_size"]
+    err = error_of(doc, tmp_path)
+    assert err.problems == (err,)
+    assert str(err).endswith(
+        "field 'input_size': required but missing: the number of input features (a positive integer)")
+    assert "None" not in str(err)
+
+
+def test_every_independent_problem_of_a_spec_is_reported_at_once(tmp_path: Path) -> None:
+    doc = {
+        "name": "n",
+        "input_size": 3,
+        "dtype": "float8",
+        "optimizer": "adam",
+        "layers": [
+            {"weights": [[1, 2, 3], [4, 5, 6]], "bias": [0, 0, 0], "activation": "swish"},
+            {"weights": [1, "x"], "bias": 0, "activation": "linear", "dropout": 0.5},
+            {"weights": [[1, 2, 3]], "bias": [0], "activation": "linear"},
+        ],
+    }
+    err = error_of(doc, tmp_path)
+    assert [p.where for p in err.problems] == [
+        "field 'optimizer'",
+        "field 'dtype'",
+        "layer 0, field 'activation'",
+        "layer 0, field 'bias'",  # the weights parse and fit: 2 neurons, so 3 biases are wrong
+        "layer 1, field 'dropout'",
+        "layer 1, field 'weights', element 1",
+        # layer 2 is not shape-checked: layer 1's weights did not parse, so its input width is unknown
+    ]
+    assert all(p.source == str(tmp_path / "spec.json") for p in err.problems)
+    assert str(err).count("\n") == len(err.problems) - 1  # one line per problem, each naming the file
+
+
+def test_shape_checks_wait_for_the_weights_to_parse(tmp_path: Path) -> None:
+    err = error_of(one_layer(weights=[[1.0, "2"], [3.0]], bias=[0.0, 0.0, 0.0, 0.0]), tmp_path)
+    assert [p.where for p in err.problems] == ["layer 0, field 'weights', row 0, element 1",
+                                               "layer 0, field 'weights', row 1"]  # ragged; no bias length check
+
+
+def test_a_layer_after_a_shape_error_is_checked_against_no_guessed_width(tmp_path: Path) -> None:
+    doc = one_layer(weights=[[1.0, 2.0], [3.0, 4.0]], weight_layout="rows_are_neurons")  # needs 3 inputs
+    doc["layers"].append({"weights": [[1.0, 2.0, 3.0, 4.0, 5.0]], "bias": [0.0], "activation": "sigmoid"})
+    err = error_of(doc, tmp_path)
+    assert [p.where for p in err.problems] == ["layer 0, field 'weights'"]
+
+
+def test_element_problems_of_one_field_are_capped(tmp_path: Path) -> None:
+    err = error_of(one_layer(weights=[["w"] * 3] * 4), tmp_path)
+    assert len(err.problems) == MAX_PROBLEMS_PER_FIELD + 1
+    more = 12 - MAX_PROBLEMS_PER_FIELD
+    assert err.problems[-1].line.endswith(f"field 'weights': {more} more problems like the ones above")

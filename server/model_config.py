@@ -1,13 +1,14 @@
 """Per-model serving configuration: `<repository>/<model>/config.json`.
 
 Every key is optional; a missing file means all defaults. Unknown keys and wrong types are
-errors that name the file and the key, so a typo never silently falls back to a default.
+errors that name the file and the key, so a typo never silently falls back to a default; every
+bad key of a file is reported in one message, so one edit fixes them all.
 
 Schema (JSON)::
 
     {
-      "name": "mlp",                        # optional; must equal the directory name
-      "description": "free text",           # optional, ignored
+      "name": "mlp",                        # optional; must equal the directory name (guards against a copied file)
+      "description": "free text",           # optional, for people; must be a string, the server ignores it
       "max_batch_size": 64,                 # rows per request/batch; 0 = no batch dimension handling
       "version_policy": {"latest": 1},      # or {"all": true} or {"specific": [1, 3]}
       "device": "auto",                     # auto | cuda | cpu (default: the server's --device)
@@ -35,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nnserve.server.batching_settings import DELAY_MODES
 from nnserve.server.settings import DEVICES, OPTIMIZATION_LEVELS
 
 CONFIG_FILENAME = "config.json"
@@ -59,7 +61,17 @@ _BATCHING_KEYS = (
 
 
 class ModelConfigError(ValueError):
-    """A model's config.json is invalid; the message names the file and the key."""
+    """A model's config.json is invalid; the message names the file and every bad key (`problems` lists them)."""
+
+    def __init__(self, source: str, problems: Sequence[str]) -> None:
+        self.source = source
+        self.problems = tuple(problems)
+        if len(self.problems) == 1:
+            text = f"{source}: {self.problems[0]}"
+        else:
+            numbered = "; ".join(f"({i}) {problem}" for i, problem in enumerate(self.problems, 1))
+            text = f"{source}: {len(self.problems)} problems: {numbered}"
+        super().__init__(text)
 
 
 @dataclass(frozen=True)
@@ -123,84 +135,96 @@ def load_model_config(model_dir: Path) -> ModelConfig:
     source = f"{model_dir.name}/{CONFIG_FILENAME}"
     try:
         if path.stat().st_size > MAX_CONFIG_BYTES:
-            raise ModelConfigError(f"{source}: file is larger than {MAX_CONFIG_BYTES} bytes")
+            raise ModelConfigError(source, [f"file is larger than {MAX_CONFIG_BYTES} bytes"])
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise ModelConfigError(f"{source}: not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})") from None
+        problem = f"not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"
+        raise ModelConfigError(source, [problem]) from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise ModelConfigError(f"{source}: cannot be read: {exc}") from None
+        raise ModelConfigError(source, [f"cannot be read: {exc}"]) from None
     return parse_model_config(data, source=source, model_name=model_dir.name)
 
 
 def parse_model_config(data: Any, *, source: str = CONFIG_FILENAME, model_name: str | None = None) -> ModelConfig:
-    """Validate a decoded config.json object."""
+    """Validate a decoded config.json object; one ModelConfigError names every bad key, so one edit fixes them."""
     if not isinstance(data, Mapping):
-        raise ModelConfigError(f"{source}: expected a JSON object at the top level, found {type(data).__name__}")
-    _reject_unknown(data, _TOP_KEYS, source, "")
+        raise ModelConfigError(source, [f"expected a JSON object at the top level, found {type(data).__name__}"])
+    problems: list[str] = []
+    _reject_unknown(data, _TOP_KEYS, "", problems)
     if "name" in data and (not isinstance(data["name"], str) or (model_name and data["name"] != model_name)):
-        raise ModelConfigError(
-            f"{source}: key 'name': must equal the model directory name {model_name!r}, found {data['name']!r}"
-        )
+        problems.append(f"key 'name': must equal the model directory name {model_name!r}, found {data['name']!r}")
     if "description" in data and not isinstance(data["description"], str):
-        raise ModelConfigError(f"{source}: key 'description': expected a string")
+        problems.append(f"key 'description': expected a string, found {data['description']!r}")
     device = data.get("device")
     if device is not None and device not in DEVICES:
-        raise ModelConfigError(f"{source}: key 'device': expected one of {list(DEVICES)}, found {device!r}")
+        problems.append(f"key 'device': expected one of {list(DEVICES)}, found {device!r}")
     level = data.get("graph_optimization_level")
     if level is not None and level not in OPTIMIZATION_LEVELS:
-        raise ModelConfigError(
-            f"{source}: key 'graph_optimization_level': expected one of {list(OPTIMIZATION_LEVELS)}, found {level!r}"
+        problems.append(
+            f"key 'graph_optimization_level': expected one of {list(OPTIMIZATION_LEVELS)}, found {level!r}"
         )
-    return ModelConfig(
-        max_batch_size=_int(data, "max_batch_size", source, minimum=0, maximum=1 << 20),
-        version_policy=_version_policy(data.get("version_policy"), source),
+    config = ModelConfig(
+        max_batch_size=_int(data, "max_batch_size", problems, minimum=0, maximum=1 << 20),
+        version_policy=_version_policy(data.get("version_policy"), problems),
         device=device,
-        device_id=_int(data, "device_id", source, minimum=0),
-        intra_op_threads=_int(data, "intra_op_threads", source, minimum=0, maximum=1024),
-        inter_op_threads=_int(data, "inter_op_threads", source, minimum=0, maximum=1024),
+        device_id=_int(data, "device_id", problems, minimum=0),
+        intra_op_threads=_int(data, "intra_op_threads", problems, minimum=0, maximum=1024),
+        inter_op_threads=_int(data, "inter_op_threads", problems, minimum=0, maximum=1024),
         graph_optimization_level=level,
-        instances=_int(data, "instances", source, minimum=1, maximum=64) or 1,
-        dynamic_batching=_batching(data.get("dynamic_batching"), source),
+        instances=_int(data, "instances", problems, minimum=1, maximum=64) or 1,
+        dynamic_batching=_batching(data.get("dynamic_batching"), problems),
     )
+    if problems:
+        raise ModelConfigError(source, problems)
+    return config
 
 
-def _reject_unknown(data: Mapping[str, Any], allowed: Sequence[str], source: str, prefix: str) -> None:
-    for key in data:
-        if key not in allowed:
-            raise ModelConfigError(
-                f"{source}: unknown key '{prefix}{key}'; allowed keys are {', '.join(allowed)}"
-            )
+def _reject_unknown(data: Mapping[str, Any], allowed: Sequence[str], prefix: str, problems: list[str]) -> None:
+    unknown = [f"'{prefix}{key}'" for key in data if key not in allowed]
+    if unknown:
+        keys = f"unknown key {unknown[0]}" if len(unknown) == 1 else f"unknown keys {', '.join(unknown)}"
+        problems.append(f"{keys} (allowed keys: {', '.join(allowed)})")
 
 
 def _int(
-    data: Mapping[str, Any], key: str, source: str, *, minimum: int, maximum: int | None = None, prefix: str = ""
+    data: Mapping[str, Any],
+    key: str,
+    problems: list[str],
+    *,
+    minimum: int,
+    maximum: int | None = None,
+    prefix: str = "",
 ) -> int | None:
     if key not in data or data[key] is None:
         return None
     value = data[key]
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ModelConfigError(f"{source}: key '{prefix}{key}': expected an integer, found {value!r}")
+        problems.append(f"key '{prefix}{key}': expected an integer, found {value!r}")
+        return None
     if value < minimum or (maximum is not None and value > maximum):
         bound = f"in [{minimum}, {maximum}]" if maximum is not None else f">= {minimum}"
-        raise ModelConfigError(f"{source}: key '{prefix}{key}': expected an integer {bound}, found {value}")
+        problems.append(f"key '{prefix}{key}': expected an integer {bound}, found {value}")
+        return None
     return value
 
 
-def _version_policy(value: Any, source: str) -> VersionPolicy:
+def _version_policy(value: Any, problems: list[str]) -> VersionPolicy:
     if value is None:
         return VersionPolicy()
-    where = f"{source}: key 'version_policy"
+    where = "key 'version_policy"
     shape = 'expected exactly one of {"latest": N}, {"all": true}, {"specific": [versions]}'
     if not isinstance(value, Mapping) or len(value) != 1:
-        raise ModelConfigError(f"{where}': {shape}, found {value!r}")
+        problems.append(f"{where}': {shape}, found {value!r}")
+        return VersionPolicy()
     (kind, arg), = value.items()
     if kind == "latest":
         if isinstance(arg, bool) or not isinstance(arg, int) or arg < 1:
-            raise ModelConfigError(f"{where}.latest': expected an integer >= 1, found {arg!r}")
+            problems.append(f"{where}.latest': expected an integer >= 1, found {arg!r}")
+            return VersionPolicy()
         return VersionPolicy("latest", latest=arg)
     if kind == "all":
         if arg is not True:
-            raise ModelConfigError(f"{where}.all': expected true, found {arg!r}")
+            problems.append(f"{where}.all': expected true, found {arg!r}")
         return VersionPolicy("all")
     if kind == "specific":
         if (
@@ -208,45 +232,46 @@ def _version_policy(value: Any, source: str) -> VersionPolicy:
             or not arg
             or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in arg)
         ):
-            raise ModelConfigError(f"{where}.specific': expected a non-empty list of integers >= 1, found {arg!r}")
+            problems.append(f"{where}.specific': expected a non-empty list of integers >= 1, found {arg!r}")
+            return VersionPolicy()
         return VersionPolicy("specific", versions=tuple(sorted(set(arg))))
-    raise ModelConfigError(f"{where}': unknown policy {kind!r}; {shape}")
+    problems.append(f"{where}': unknown policy {kind!r}; {shape}")
+    return VersionPolicy()
 
 
-def _batching(value: Any, source: str) -> DynamicBatchingConfig:
+def _batching(value: Any, problems: list[str]) -> DynamicBatchingConfig:
     if value is None:
         return DynamicBatchingConfig()
     if not isinstance(value, Mapping):
-        raise ModelConfigError(f"{source}: key 'dynamic_batching': expected a JSON object, found {value!r}")
-    _reject_unknown(value, _BATCHING_KEYS, source, "dynamic_batching.")
+        problems.append(f"key 'dynamic_batching': expected a JSON object, found {value!r}")
+        return DynamicBatchingConfig()
+    prefix = "dynamic_batching."
+    _reject_unknown(value, _BATCHING_KEYS, prefix, problems)
     enabled = value.get("enabled")
     if enabled is not None and not isinstance(enabled, bool):
-        raise ModelConfigError(f"{source}: key 'dynamic_batching.enabled': expected true or false, found {enabled!r}")
+        problems.append(f"key 'dynamic_batching.enabled': expected true or false, found {enabled!r}")
+        enabled = None
     preferred = value.get("preferred_batch_sizes")
     if preferred is not None:
         if not isinstance(preferred, list) or any(
             isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in preferred
         ):
-            raise ModelConfigError(
-                f"{source}: key 'dynamic_batching.preferred_batch_sizes': expected a list of integers >= 1, "
-                f"found {preferred!r}"
+            problems.append(
+                f"key 'dynamic_batching.preferred_batch_sizes': expected a list of integers >= 1, found {preferred!r}"
             )
-        preferred = tuple(sorted(set(preferred)))
+            preferred = None
+        else:
+            preferred = tuple(sorted(set(preferred)))
+    delay_mode = value.get("delay_mode")
+    if delay_mode is not None and delay_mode not in DELAY_MODES:
+        problems.append(f"key 'dynamic_batching.delay_mode': expected one of {list(DELAY_MODES)}, found {delay_mode!r}")
+        delay_mode = None
     return DynamicBatchingConfig(
         enabled=enabled,
-        max_queue_delay_us=_int(value, "max_queue_delay_us", source, minimum=0, maximum=10_000_000,
-                                prefix="dynamic_batching."),
+        max_queue_delay_us=_int(value, "max_queue_delay_us", problems, minimum=0, maximum=10_000_000, prefix=prefix),
         preferred_batch_sizes=preferred,
-        max_queue_size=_int(value, "max_queue_size", source, minimum=1, maximum=1 << 20, prefix="dynamic_batching."),
-        delay_mode=_delay_mode(value.get("delay_mode"), source),
-        inline_max_compute_us=_int(value, "inline_max_compute_us", source, minimum=0, maximum=1_000_000,
-                                   prefix="dynamic_batching."),
-    )
-
-
-def _delay_mode(value: Any, source: str) -> str | None:
-    if value is None or value in ("fixed", "adaptive"):
-        return value
-    raise ModelConfigError(
-        f"{source}: key 'dynamic_batching.delay_mode': expected one of ['adaptive', 'fixed'], found {value!r}"
+        max_queue_size=_int(value, "max_queue_size", problems, minimum=1, maximum=1 << 20, prefix=prefix),
+        delay_mode=delay_mode,
+        inline_max_compute_us=_int(value, "inline_max_compute_us", problems, minimum=0, maximum=1_000_000,
+                                   prefix=prefix),
     )

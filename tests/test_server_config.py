@@ -11,11 +11,20 @@ import pytest
 from onnx import TensorProto, helper
 
 from nnserve.builder import build
+from nnserve.client import InferenceClient
 from nnserve.server.cli import add_arguments, settings_from
 from nnserve.server.errors import ModelLoadError
 from nnserve.server.model_config import ModelConfigError, VersionPolicy, load_model_config, parse_model_config
 from nnserve.server.runner import ModelRunner, RunnerOptions
-from tests.conftest import EXAMPLES, dense_model, finish_model, fixed_shape_model, multi_io_model, write_model
+from tests.conftest import (
+    EXAMPLES,
+    dense_model,
+    finish_model,
+    fixed_shape_model,
+    multi_io_model,
+    running_server,
+    write_model,
+)
 
 W = np.array([[0.5, -1.0], [0.25, 2.0], [-0.75, 0.1]], dtype=np.float32)
 B = np.array([0.1, -0.2], dtype=np.float32)
@@ -64,6 +73,40 @@ def test_invalid_model_config_names_the_file_and_key(data: object, fragment: str
         parse_model_config(data, source="m/config.json", model_name="m")
     assert str(error.value).startswith("m/config.json: ")
     assert fragment in str(error.value)
+
+
+def test_every_problem_of_a_config_is_reported_in_one_message() -> None:
+    data = {"max_batch_sise": 8, "device": "gpu", "instances": 0, "version_policy": {"latest": 0},
+            "dynamic_batching": {"delay": 1, "delay_mode": "sometimes"}}
+    with pytest.raises(ModelConfigError) as error:
+        parse_model_config(data, source="m/config.json", model_name="m")
+    assert error.value.problems == (
+        "unknown key 'max_batch_sise' (allowed keys: name, description, max_batch_size, version_policy, device, "
+        "device_id, intra_op_threads, inter_op_threads, graph_optimization_level, instances, dynamic_batching)",
+        "key 'device': expected one of ['auto', 'cuda', 'cpu'], found 'gpu'",
+        "key 'version_policy.latest': expected an integer >= 1, found 0",
+        "key 'instances': expected an integer in [1, 64], found 0",
+        "unknown key 'dynamic_batching.delay' (allowed keys: enabled, max_queue_delay_us, preferred_batch_sizes, "
+        "max_queue_size, delay_mode, inline_max_compute_us)",
+        "key 'dynamic_batching.delay_mode': expected one of ['fixed', 'adaptive'], found 'sometimes'",
+    )
+    message = str(error.value)
+    assert message.startswith("m/config.json: 6 problems: (1) unknown key 'max_batch_sise' ")
+    assert "; (6) key 'dynamic_batching.delay_mode'" in message
+    assert "\n" not in message  # one line: it is the model's UNAVAILABLE reason in ModelReady and the log
+
+
+def test_a_bad_config_makes_the_model_unavailable_with_every_problem(tmp_path: Path) -> None:
+    write_model(tmp_path, "m", dense_model(W, B), config={"device": "gpu", "max_batch_size": "8"})
+    build(EXAMPLES / "001_perceptron.json", tmp_path)
+    with running_server(tmp_path, health_service="perceptron", strict_readiness=False) as server, InferenceClient(
+        server.address
+    ) as client:
+        (entry,) = [e for e in client.repository_index() if e.name == "m"]
+    assert entry.state == "UNAVAILABLE"
+    assert "m/config.json: 2 problems: " in entry.reason
+    assert "key 'device'" in entry.reason
+    assert "key 'max_batch_size'" in entry.reason
 
 
 def test_config_file_that_is_not_json_reports_line_and_column(tmp_path: Path) -> None:

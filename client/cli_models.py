@@ -1,8 +1,12 @@
 """`nnserve models`: every model the server's repository knows, one line per version, with its facts.
 
-State and reason come from RepositoryIndex; provider, size facts and batching from ModelConfig (its `parameters` map,
-`max_batch_size`, `dynamic_batching`, `instance_group`). A model that is not loaded has no config: its columns show
-"-" instead of failing the listing.
+State and reason come from RepositoryIndex; provider, size facts, dtype and batching from each ready version's
+ModelConfig (its `parameters` map, `max_batch_size`, `dynamic_batching`, `instance_group`). A version that is not
+loaded has no config: its columns show "-" instead of failing the listing.
+
+The dtype is the builder's (`dtype` parameter: float32, float16, float64); a model the builder did not make has
+none, so its input datatypes from ModelMetadata stand in (`FP32`, or `FP32,INT8` when mixed): what a client must
+send is the first thing to know about a model, and an fp16 version answers float32 requests with an error.
 
 A CPU fallback (a version that could have used CUDA but runs on another provider, see the server's
 `provider_fallback` parameter) is marked in the PROVIDER column and explained under the table, because a model
@@ -13,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from nnserve.client.cli_common import EXIT_OK, add_connection_arguments, format_table, make_client, report_error
@@ -25,6 +29,7 @@ from nnserve.protos import model_config_pb2
 PROVIDER_KEYS = ("provider", "execution_provider", "providers")
 PARAMETER_COUNT_KEYS = ("parameter_count", "parameters", "num_parameters")
 FALLBACK_MARK = " (fallback!)"
+READY = "READY"
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,11 +49,14 @@ class ModelRow:
     weight_bytes: int | None = None
     flops_per_sample: int | None = None
     dtype: str | None = None
+    """The builder's dtype, else the input datatypes of the signature (comma-separated, in input order)."""
     opset: int | None = None
     layers: tuple[dict[str, Any], ...] | None = None
     max_batch_size: int | None = None
     dynamic_batching: bool | None = None
     max_queue_delay_us: int | None = None
+    delay_mode: str | None = None
+    """`fixed` (every batch waits the full delay) or `adaptive` (the delay is a budget); None where not said."""
     preferred_batch_sizes: tuple[int, ...] | None = None
     max_queue_size: int | None = None
     instances: int | None = None
@@ -79,15 +87,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def collect(client: InferenceClient, *, ready_only: bool = False) -> list[ModelRow]:
-    """Join the repository index with each model's config (fetched once per model name)."""
-    configs: dict[str, model_config_pb2.ModelConfig | None] = {}
+    """Join the repository index with each ready version's own config (versions of one model may differ)."""
     rows = []
     for entry in sorted(
         client.repository_index(ready_only=ready_only), key=lambda e: (e.name, _version_key(e.version))
     ):
-        if entry.name not in configs:
-            configs[entry.name] = _config_or_none(client, entry.name)
-        rows.append(_row(entry.name, entry.version, entry.state, entry.reason, configs[entry.name]))
+        config = _config_or_none(client, entry.name, entry.version) if entry.state == READY else None
+        row = _row(entry.name, entry.version, entry.state, entry.reason, config)
+        if config is not None and row.dtype is None:
+            row = replace(row, dtype=_input_datatypes(client, entry.name, entry.version))
+        rows.append(row)
     return rows
 
 
@@ -113,11 +122,21 @@ def render(rows: list[ModelRow], *, layers: bool = False) -> str:
     return "\n".join(lines)
 
 
-def _config_or_none(client: InferenceClient, name: str) -> model_config_pb2.ModelConfig | None:
+def _config_or_none(client: InferenceClient, name: str, version: str) -> model_config_pb2.ModelConfig | None:
     try:
-        return client.model_config(name)
+        return client.model_config(name, version or None)
     except InferenceError:
-        return None  # not loaded (or failed to load): the index row still says why
+        return None  # unloaded since the index was read: the index row still says why
+
+
+def _input_datatypes(client: InferenceClient, name: str, version: str) -> str | None:
+    """`FP32`, or `FP32,INT8` for mixed inputs: the signature's datatypes, each once, in input order."""
+    try:
+        metadata = client.model_metadata(name, version or None)
+    except InferenceError:
+        return None
+    datatypes = list(dict.fromkeys(tensor.datatype for tensor in metadata.inputs))
+    return ",".join(datatypes) or None
 
 
 def _row(name: str, version: str, state: str, reason: str, config: model_config_pb2.ModelConfig | None) -> ModelRow:
@@ -145,6 +164,7 @@ def _row(name: str, version: str, state: str, reason: str, config: model_config_
         max_batch_size=config.max_batch_size,
         dynamic_batching=batching is not None,
         max_queue_delay_us=batching.max_queue_delay_microseconds if batching else None,
+        delay_mode=(parameters.get("delay_mode") or None) if batching else None,
         preferred_batch_sizes=tuple(batching.preferred_batch_size) if batching else None,
         max_queue_size=(batching.default_queue_policy.max_queue_size or None) if batching else None,
         instances=sum(group.count for group in config.instance_group) or None,
@@ -152,8 +172,8 @@ def _row(name: str, version: str, state: str, reason: str, config: model_config_
 
 
 def _table(rows: list[ModelRow]) -> str:
-    headers = ["MODEL", "VERSION", "STATE", "PROVIDER", "PARAMS", "WEIGHTS", "FLOPS/ROW", "OPSET", "MAX BATCH",
-               "BATCHING", "INSTANCES", "REASON"]
+    headers = ["MODEL", "VERSION", "STATE", "PROVIDER", "PARAMS", "WEIGHTS", "FLOPS/ROW", "OPSET", "DTYPE",
+               "MAX BATCH", "BATCHING", "INSTANCES", "REASON"]
     body = [
         [
             row.name,
@@ -164,6 +184,7 @@ def _table(rows: list[ModelRow]) -> str:
             _bytes_text(row.weight_bytes),
             f"{row.flops_per_sample:,}" if row.flops_per_sample is not None else None,
             row.opset,
+            row.dtype,
             row.max_batch_size,
             _batching_text(row),
             row.instances,
@@ -171,7 +192,8 @@ def _table(rows: list[ModelRow]) -> str:
         ]
         for row in rows
     ]
-    return format_table(headers, body, right=[False, True, False, False, True, True, True, True, True, False, True])
+    right = [False, True, False, False, True, True, True, True, False, True, False, True]
+    return format_table(headers, body, right=right)
 
 
 def _batching_text(row: ModelRow) -> str | None:
@@ -179,7 +201,8 @@ def _batching_text(row: ModelRow) -> str | None:
         return None
     if not row.dynamic_batching:
         return "off"
-    parts = [f"delay {row.max_queue_delay_us}us"]
+    mode = f" ({row.delay_mode})" if row.delay_mode else ""
+    parts = [f"delay {row.max_queue_delay_us}us{mode}"]
     if row.preferred_batch_sizes:
         parts.append("preferred " + "/".join(map(str, row.preferred_batch_sizes)))
     if row.max_queue_size:

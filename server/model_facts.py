@@ -20,6 +20,7 @@ import onnxruntime as ort
 from nnserve.server.providers import CUDA, cuda_unavailable_reason
 
 if TYPE_CHECKING:
+    from nnserve.server.batching_settings import BatchingSettings
     from nnserve.server.runner import ModelRunner
 
 log = logging.getLogger(__name__)
@@ -139,8 +140,15 @@ def provider_fallback_reason(requested_device: str, provider: str, device_id: in
     return cuda_unavailable_reason(device_id) or f"onnxruntime placed the session on {provider} instead of CUDA"
 
 
-def config_parameters(runner: ModelRunner, version: str) -> dict[str, str]:
-    """Facts of a loaded version as ModelConfig `parameters` (string values, as Triton's clients read them)."""
+def config_parameters(
+    runner: ModelRunner, version: str, batching: BatchingSettings | None = None
+) -> dict[str, str]:
+    """Facts of a loaded version as ModelConfig `parameters` (string values, as Triton's clients read them).
+
+    `batching` adds `delay_mode` (fixed or adaptive) for a version that batches: Triton's ModelDynamicBatching has
+    no field for it, and without it a client cannot tell whether `max_queue_delay_microseconds` is a fixed window
+    or an adaptive budget.
+    """
     facts = runner.facts
     parameters = {
         "execution_provider": runner.provider,
@@ -161,6 +169,8 @@ def config_parameters(runner: ModelRunner, version: str) -> dict[str, str]:
         "builder_version": facts.builder_version or None,
     }
     parameters.update({key: str(value) for key, value in optional.items() if value is not None})
+    if batching is not None and batching.enabled and runner.batched:
+        parameters["delay_mode"] = batching.delay_mode
     if facts.layers:
         parameters["layers"] = json.dumps(list(facts.layers), separators=(",", ":"))
     return parameters

@@ -17,8 +17,10 @@ import pytest
 from nnserve.builder import build
 from nnserve.protos import grpc_service_pb2 as pb
 from nnserve.server import model_facts
+from nnserve.server.batching_settings import BatchingSettings
 from nnserve.server.model_facts import provider_fallback_reason, read_model_header
 from nnserve.server.providers import CPU, CUDA, cuda_unavailable_reason
+from nnserve.server.runner import ModelRunner, RunnerOptions
 from tests.conftest import DENSE_B, DENSE_W, EXAMPLES, RunningServer, dense_model, running_server, write_model
 
 # Parameters of every network of the source documents, counted from their own matrices. Document 001 says its
@@ -144,3 +146,12 @@ def test_a_model_that_demands_cuda_is_unavailable_with_the_reason_never_silently
     assert rows["on_gpu"]["state"] == "UNAVAILABLE"
     assert "CUDA" in rows["on_gpu"]["reason"]
     assert rows["perceptron"]["state"] == "READY"
+
+
+def test_config_parameters_carry_the_delay_mode_of_a_batching_version(tmp_path: Path) -> None:
+    result = build(EXAMPLES / "001_perceptron.json", tmp_path)
+    runner = ModelRunner.load("perceptron", 1, result.model_path, RunnerOptions(device="cpu"))
+    for mode in ("fixed", "adaptive"):
+        assert model_facts.config_parameters(runner, "1", BatchingSettings(delay_mode=mode))["delay_mode"] == mode
+    assert "delay_mode" not in model_facts.config_parameters(runner, "1", BatchingSettings(enabled=False))
+    assert "delay_mode" not in model_facts.config_parameters(runner, "1")

@@ -452,7 +452,7 @@ def build_model_config(served: ServedVersion) -> mc.ModelConfig:
     )
     if on_gpu:
         group.gpus.append(runner.device_id)
-    parameters = config_parameters(runner, served.version_text)
+    parameters = config_parameters(runner, served.version_text, served.batching)
     for key, value in parameters.items():
         config.parameters[key].string_value = value
     return config

@@ -1,8 +1,8 @@
 """Throwaway certificates for TLS tests, made with the `openssl` command line (no Python dependency).
 
-One CA signs a server certificate (for 127.0.0.1 and localhost) and a client certificate; a second, unrelated CA
-signs a "rogue" client certificate, so that tests can show mutual TLS checks who signed a client's certificate, not
-merely that one was sent.
+One CA signs a server certificate (for 127.0.0.1, localhost and SERVER_NAME) and a client certificate; a second,
+unrelated CA signs a "rogue" client certificate, so that tests can show mutual TLS checks who signed a client's
+certificate, not merely that one was sent.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.conftest import ServeProcess, free_port, serve_command
 
+SERVER_NAME = "nnserve.example.internal"
+"""A name the server certificate also holds, for checks of `tls_server_name` against a 127.0.0.1 address."""
 _EC = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
 
 
@@ -55,7 +57,8 @@ def make_pki(root: Path) -> Pki:
     """Write the certificates into `root` (about 0.2 s)."""
     _ca(root, "ca")
     _ca(root, "rogue_ca")
-    _issue(root, "ca", "server", "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth")
+    _issue(root, "ca", "server",
+           f"subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:{SERVER_NAME}\nextendedKeyUsage=serverAuth")
     _issue(root, "ca", "client", "extendedKeyUsage=clientAuth")
     _issue(root, "rogue_ca", "rogue_client", "extendedKeyUsage=clientAuth")
     return Pki(root / "ca.pem", root / "server.pem", root / "server.key", root / "client.pem", root / "client.key",

@@ -211,6 +211,9 @@ def test_cpu_image_builds_and_serves_from_its_own_dockerfile(tmp_path: Path) -> 
     executable = shutil.which(argv[0], path=env["PATH"])
     assert executable is not None
     assert Path(executable).is_relative_to(home), "ENTRYPOINT must run the image's nnserve"
+    probe = shutil.which(exec_form(DOCKERFILES["cpu"], "HEALTHCHECK")[0], path=env["PATH"])
+    assert probe is not None
+    assert Path(probe).is_relative_to(home), "HEALTHCHECK must run the package's nnserve-healthcheck"
     log = tmp_path / "nnserve.log"
     with log.open("wb") as sink:
         process = subprocess.Popen([executable, *argv[1:]], env=env, cwd=replay.host(replay.workdir),
@@ -254,7 +257,8 @@ def test_image_runs_nnserve_serve_unprivileged_on_the_documented_ports(flavour: 
             assert name in settings, f"{flavour}: {name} is not a `nnserve serve` setting"
     assert env["NNSERVE_DEVICE"] == {"cpu": "cpu", "cuda": "auto"}[flavour]
     assert [text for word, text in stage if word == "STOPSIGNAL"] == ["SIGTERM"]
-    assert os.access(DOCKER / "healthcheck.py", os.X_OK), "copied as the image's nnserve-healthcheck"
+    assert not any("healthcheck" in text for word, text in stage if word == "COPY"), \
+        "nnserve-healthcheck comes with the package (a console script), not as a copied file"
 
 
 def test_cuda_base_image_matches_onnxruntime_gpu_cuda_and_cudnn_majors() -> None:

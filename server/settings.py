@@ -57,7 +57,9 @@ class ServerSettings:
     """`explicit` enables the RepositoryModelLoad/Unload RPCs; off by default so clients cannot change the server."""
 
     strict_readiness: bool = True
-    """As Triton: ServerReady (and health "") are true only when every model in the repository is ready."""
+    """As Triton: ServerReady (and health "") are true only when every model the server is meant to serve is ready:
+    those loaded at start or by a load request, and not unloaded since. A model that failed to load counts against
+    readiness; one unloaded by a RepositoryModelUnload request does not. False: ready once start-up loading is done."""
 
     grace_period_s: float = 25.0
     """On SIGTERM/SIGINT, how long accepted requests may take to finish before the process exits.

@@ -87,11 +87,6 @@ def test_models_json_facts_are_those_of_each_version_not_of_the_newest(
     assert [listed[("mixed_versions", v)]["weight_bytes"] for v in ("1", "2")] == [4, 2]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the delay mode needs server/service.py's build_model_config to pass served.batching to "
-    "model_facts.config_parameters (its owner's change); remove this marker when it does",
-)
 def test_models_shows_the_batching_delay_mode(
     listing_server: RunningServer, capsys: pytest.CaptureFixture[str]
 ) -> None:

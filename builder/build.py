@@ -65,11 +65,10 @@ def build(
     if fp16:
         network = network.with_dtype("float16")
     model_name = target_name(network, name=name, version=version, fp16=fp16)
-    dtype = network.dtype
     if skip_unchanged:
         same = _same_network_at(Path(repository) / model_name, version, network)
         if same is not None:
-            return BuildResult(same[0], same[1], network, dtype, None, skipped=True)
+            return BuildResult(same[0], same[1], network, network.dtype, None, skipped=True)
     model = export_onnx(network)
     reports: list[VerificationReport] = []
 
@@ -86,7 +85,7 @@ def build(
         check=check,
         external_data_threshold=external_data_threshold,
     )
-    return BuildResult(model_path, final_version, network, dtype, reports[0] if reports else None)
+    return BuildResult(model_path, final_version, network, network.dtype, reports[0] if reports else None)
 
 
 def target_name(network: NetworkSpec, *, name: str | None, version: int | None, fp16: bool) -> str:

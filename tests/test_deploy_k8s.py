@@ -46,6 +46,7 @@ from nnserve.protos import grpc_service_pb2 as pb
 from nnserve.protos import grpc_service_pb2_grpc as pb_grpc
 from nnserve.server.cli import OPTIONS, settings_from
 from nnserve.server.model_config import load_model_config
+from tests.conftest import wait_until
 from tests.dockerfile import instructions, substitute
 
 Obj = dict[str, Any]
@@ -621,11 +622,12 @@ def probe_until(pod: Pod, each: Obj, probe: Obj, process: subprocess.Popen[bytes
 
 
 def wait_unready(pod: Pod, each: Obj, within_s: float) -> bool:
+    """Whether the readiness probe fails before `within_s` passes (probed as often as the probe's timeout allows)."""
     deadline = time.monotonic() + within_s
     while time.monotonic() < deadline:
         if not probe_once(pod, each, each["readinessProbe"]):
             return True
-        time.sleep(0.02)
+        time.sleep(0.02)  # probing cadence
     return False
 
 
@@ -710,9 +712,9 @@ def test_deployment_serves_and_drains_as_the_kubelet_runs_it(cpu_pod: Pod, tmp_p
     outcomes: list[Outcome] = []
     clients: list[threading.Thread] = []
     try:
+        # Within the manifest's own thresholds (probe_until fails as the kubelet would give up); no timing of ours.
         probe_until(pod, each, each["startupProbe"], process)
-        ready_after = probe_until(pod, each, each["readinessProbe"], process)
-        assert ready_after < 30
+        probe_until(pod, each, each["readinessProbe"], process)
         assert probe_once(pod, each, each["livenessProbe"])
 
         small = np.array([[1.5, -0.5]], dtype=np.float32)
@@ -727,7 +729,7 @@ def test_deployment_serves_and_drains_as_the_kubelet_runs_it(cpu_pod: Pod, tmp_p
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as response:
             exposition = response.read().decode()
         assert f"# TYPE {QUEUE_METRIC} gauge" in exposition, "the HPA's queue metric must exist"
-        time.sleep(1.0)  # traffic while Ready
+        wait_until(lambda: sum(o.code == grpc.StatusCode.OK for o in outcomes) >= 20, 60, "traffic while Ready")
 
         # Pod deletion: the preStop hook sleeps while endpoints go away; the server must keep serving meanwhile.
         deleted = time.monotonic()
@@ -736,7 +738,8 @@ def test_deployment_serves_and_drains_as_the_kubelet_runs_it(cpu_pod: Pod, tmp_p
         served_during_prestop = [o for o in outcomes if o.started >= deleted and o.code == grpc.StatusCode.OK]
         terminated = time.monotonic()
         process.send_signal(signal.SIGTERM)
-        assert wait_unready(pod, each, within_s=2.0), "health must leave SERVING on SIGTERM"
+        grace = pod.spec["terminationGracePeriodSeconds"]
+        assert wait_unready(pod, each, within_s=grace), "health must leave SERVING on SIGTERM, before the exit"
         grace = pod.spec["terminationGracePeriodSeconds"]
         try:
             process.wait(timeout=max(1.0, deleted + grace - time.monotonic()))
@@ -750,9 +753,9 @@ def test_deployment_serves_and_drains_as_the_kubelet_runs_it(cpu_pod: Pod, tmp_p
             client.join(30)
     output = log.read_text(errors="replace")
     assert process.returncode == 0, output
-    assert exited - deleted <= grace
-    # Well inside the server's own grace period: its drain found every accepted request answered, none cut off.
-    assert exited - terminated < _server_settings(pod.objects, {}).grace_period_s / 2, output
+    assert exited - deleted <= grace  # the kubelet's contract: out before terminationGracePeriodSeconds
+    # The drain ended because every accepted request was answered, not because the server's grace period ran out.
+    assert "still running when the grace period ended" not in output, output
 
     assert served_during_prestop, "requests sent during the preStop delay must be served"
     # After SIGTERM the server refuses what it has not accepted: UNAVAILABLE (retryable) from the drain, which also

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import time
 from pathlib import Path
 
 import grpc
@@ -76,7 +75,6 @@ def test_two_workers_both_serve_the_port_and_sigterm_drains_both(tmp_path: Path)
             x = rng.standard_normal((64, 512)).astype(np.float32)
             futures = [stub.ModelInfer.future(infer_request("slow", {"input": x}), timeout=60) for _c, stub in links]
             futures[0].result()  # the workers are computing; the others are (almost surely) accepted and queued
-            signalled = time.monotonic()
             server.terminate()
             answered, refusals = [], []
             for future in futures:
@@ -86,8 +84,7 @@ def test_two_workers_both_serve_the_port_and_sigterm_drains_both(tmp_path: Path)
                     refusals.append((error.code(), error.details() or ""))
             for result in answered[1:]:
                 np.testing.assert_allclose(result, answered[0], atol=1e-5)
-            assert server.process.wait(timeout=40) == 0
-            assert time.monotonic() - signalled < 30
+            assert server.process.wait(timeout=40) == 0  # 20 s grace + the supervisor's 10 s before it kills
         finally:
             for channel, _stub in links:
                 channel.close()
@@ -100,6 +97,8 @@ def test_two_workers_both_serve_the_port_and_sigterm_drains_both(tmp_path: Path)
     assert all(code == grpc.StatusCode.UNAVAILABLE and "shutting down" in text for code, text in refusals)
     assert len(worker_pids(log, "stopped")) == 2, log
     assert "all 2 workers stopped" in log
+    assert "did not stop in time" not in log  # both drained within the grace period; none was killed
+    assert "still running when the grace period ended" not in log
 
 
 def test_a_worker_that_dies_is_not_restarted_and_the_supervisor_stops_the_rest_with_status_1(

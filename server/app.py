@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 import time
@@ -25,6 +26,7 @@ from nnserve.server.errors import DeviceUnavailableError
 from nnserve.server.health import SERVICE_NAME as HEALTH_SERVICE
 from nnserve.server.health import HealthReporter
 from nnserve.server.metrics import MetricsServer, MultiprocessWriter, ServingState, multiprocess_dir
+from nnserve.server.port_report import log_ports, port_report, remove_port_file, write_port_file
 from nnserve.server.providers import cuda_unavailable_reason
 from nnserve.server.repository import ModelEntry, ModelRepository, ModelState
 from nnserve.server.security import (
@@ -68,6 +70,7 @@ class InferenceServer:
         self.metrics_state = ServingState(repository, servicer.unrouted, lambda: servicer.inflight)
         self._grpc = grpc_server
         self._stopping: asyncio.Task[None] | None = None
+        self._port_file_written = False
 
     @property
     def metrics_port(self) -> int | None:
@@ -89,6 +92,7 @@ class InferenceServer:
                     f"cannot serve metrics on {metrics_host}:{self.settings.metrics_port}: {exc}"
                 ) from None
             log.info("metrics on http://%s:%d/metrics", metrics_host, port)
+        self._report_ports()
         started = time.monotonic()
         await self.repository.load_all()
         entries = self.repository.entries()
@@ -106,6 +110,22 @@ class InferenceServer:
         else:
             log.warning("not ready (strict readiness: every model must be ready); serving the ready models anyway")
 
+    def _report_ports(self) -> None:
+        """Every listener is bound: say where (log line, `--port-file`), before the models load.
+
+        A worker of `--workers N` says nothing: its supervisor reports the shared port and the merged metrics.
+        """
+        if self.settings.reuse_port:
+            return
+        log_ports(self.port, self.metrics_port)
+        if self.settings.port_file is not None:
+            report = port_report(pid=os.getpid(), host=self.settings.host, grpc=self.port, metrics=self.metrics_port)
+            try:
+                write_port_file(self.settings.port_file, report)
+            except OSError as exc:
+                raise StartupError(f"cannot write --port-file {self.settings.port_file}: {exc}") from None
+            self._port_file_written = True
+
     async def stop(self, grace: float | None = None) -> None:
         """Drain and stop; idempotent, and concurrent calls wait for the same shutdown."""
         if self._stopping is None:
@@ -122,7 +142,10 @@ class InferenceServer:
         self.servicer.begin_drain()
         inflight = self.servicer.inflight
         log.info("shutting down: draining %d accepted requests (grace period %.1f s)", inflight, grace)
-        if not await self.servicer.wait_idle(grace):
+        # Nothing to wait for is not a timeout: wait_for(..., 0) (a failed start stops with grace 0) times out
+        # before it ever looks, even when no request is running.
+        idle = self.servicer.inflight == 0 or await self.servicer.wait_idle(grace)
+        if not idle and self.servicer.inflight:
             log.warning("%d requests were still running when the grace period ended", self.servicer.inflight)
         await self._grpc.stop(max(0.0, min(1.0, deadline - time.monotonic())))
         await self.repository.close(timeout=max(0.0, deadline - time.monotonic()))
@@ -130,6 +153,8 @@ class InferenceServer:
             await self.metrics_writer.stop()
         if self.metrics is not None:
             self.metrics.stop()
+        if self._port_file_written and self.settings.port_file is not None:
+            remove_port_file(self.settings.port_file, os.getpid())
         log.info("stopped; %d inference requests were accepted since the start", self.servicer.accepted_total)
 
     async def _update_server_health(self, _entry: ModelEntry | None = None) -> None:

@@ -29,23 +29,62 @@ _FALSE = ("0", "false", "no", "off")
 _AUTH_TOKENS_ENV = "NNSERVE_AUTH_TOKENS"
 
 
+# Parsers of flag and variable text. Each raises ValueError saying what was expected; `settings_from` puts the flag
+# or variable and the value in front, e.g. "NNSERVE_GRPC_PORT: invalid value 'abc': expected a port number (0-65535)"
+# (never Python's own "invalid literal for int() with base 10"). Ranges are checked by ServerSettings.
+
+
 def _bool(text: str) -> bool:
     value = text.strip().lower()
     if value in _TRUE:
         return True
     if value in _FALSE:
         return False
-    raise ValueError(f"expected one of {', '.join(_TRUE + _FALSE)}, got {text!r}")
+    raise ValueError("expected true or false (or 1/0, yes/no, on/off)")
+
+
+def _whole(what: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f"expected {what}") from None
+
+    return parse
+
+
+_count = _whole("a whole number")
+_port = _whole("a port number (0-65535)")
+
+
+def _seconds(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError("expected a number of seconds, e.g. 25 or 2.5") from None
+
+
+def _path(text: str) -> Path:
+    if not text.strip():
+        raise ValueError("expected a path, got an empty value")
+    return Path(text)
 
 
 def _buckets(text: str) -> tuple[float, ...]:
-    return validate_buckets(float(part) for part in text.split(",") if part.strip())
+    try:
+        bounds = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError("expected increasing numbers of seconds separated by commas, e.g. 0.001,0.01,0.1") from None
+    return validate_buckets(bounds)
 
 
 def _optional_port(text: str) -> int | None:
     if text.strip().lower() in ("off", "none", "disabled", "-1"):
         return None
-    return int(text)
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError("expected a port number (0-65535) or off") from None
 
 
 @dataclass(frozen=True)
@@ -65,11 +104,16 @@ class _Option:
 
 
 OPTIONS: tuple[_Option, ...] = (
-    _Option("model_repository", "--model-repository", Path, "model repository: <dir>/<model>/<version>/model.onnx",
+    _Option("model_repository", "--model-repository", _path, "model repository: <dir>/<model>/<version>/model.onnx",
             "DIR"),
     _Option("host", "--host", str, "interface to listen on", "HOST"),
-    _Option("grpc_port", "--grpc-port", int, "gRPC port (inference, health, reflection); 0 picks a free one", "PORT"),
-    _Option("metrics_port", "--metrics-port", _optional_port, "Prometheus /metrics port; 'off' disables it", "PORT"),
+    _Option("grpc_port", "--grpc-port", _port, "gRPC port (inference, health, reflection); 0 picks a free one",
+            "PORT"),
+    _Option("metrics_port", "--metrics-port", _optional_port,
+            "Prometheus /metrics port; 'off' disables it, 0 picks a free one", "PORT"),
+    _Option("port_file", "--port-file", _path,
+            "once every port is bound (before the models load), write {\"pid\", \"host\", \"grpc\", \"metrics\"} "
+            "as JSON to FILE (atomically; removed at exit): how to learn the ports that 0 picked", "FILE"),
     _Option("metrics_host", "--metrics-host", str, "interface the /metrics port listens on", "HOST",
             default_text="the same as --host"),
     _Option("metrics_buckets", "--metrics-buckets", _buckets,
@@ -77,50 +121,50 @@ OPTIONS: tuple[_Option, ...] = (
             default_text="10us to 10s in 1-2.5-5 steps"),
     _Option("device", "--device", str, "execution device: auto (CUDA if it really works, else CPU), cuda, cpu",
             choices=DEVICES),
-    _Option("device_id", "--device-id", int, "CUDA device ordinal", "N"),
+    _Option("device_id", "--device-id", _count, "CUDA device ordinal", "N"),
     _Option("model_control", "--model-control", str,
             "'explicit' enables the RepositoryModelLoad/Unload RPCs", choices=MODEL_CONTROLS),
     _Option("strict_readiness", "--strict-readiness", _bool,
             "ready only when every model is ready (true/false)", "BOOL"),
-    _Option("grace_period_s", "--grace-period", float,
+    _Option("grace_period_s", "--grace-period", _seconds,
             "seconds to finish accepted requests after SIGTERM/SIGINT", "SECONDS"),
-    _Option("max_message_bytes", "--max-message-bytes", int,
+    _Option("max_message_bytes", "--max-message-bytes", _count,
             "largest gRPC message received or sent (larger: RESOURCE_EXHAUSTED)", "BYTES"),
-    _Option("max_request_rows", "--max-request-rows", int,
+    _Option("max_request_rows", "--max-request-rows", _count,
             "most rows in one request to a batched model, whatever its max_batch_size", "ROWS"),
-    _Option("max_tensor_dims", "--max-tensor-dims", int, "most dimensions of one request tensor", "N"),
-    _Option("max_tensor_elements", "--max-tensor-elements", int,
+    _Option("max_tensor_dims", "--max-tensor-dims", _count, "most dimensions of one request tensor", "N"),
+    _Option("max_tensor_elements", "--max-tensor-elements", _count,
             "most elements of one request tensor (and largest single dimension)", "N"),
-    _Option("max_inputs_per_request", "--max-inputs-per-request", int,
+    _Option("max_inputs_per_request", "--max-inputs-per-request", _count,
             "most inputs (and raw contents entries, and requested outputs) in one request", "N"),
-    _Option("max_concurrent_streams", "--max-concurrent-streams", int,
+    _Option("max_concurrent_streams", "--max-concurrent-streams", _count,
             "most calls in flight on one client connection (HTTP/2); the excess is refused (UNAVAILABLE)", "N"),
-    _Option("tls_cert", "--tls-cert", Path, "PEM server certificate (chain): serve gRPC over TLS (with --tls-key)",
+    _Option("tls_cert", "--tls-cert", _path, "PEM server certificate (chain): serve gRPC over TLS (with --tls-key)",
             "FILE"),
-    _Option("tls_key", "--tls-key", Path, "PEM private key of --tls-cert", "FILE"),
-    _Option("tls_client_ca", "--tls-client-ca", Path,
+    _Option("tls_key", "--tls-key", _path, "PEM private key of --tls-cert", "FILE"),
+    _Option("tls_client_ca", "--tls-client-ca", _path,
             "PEM CA bundle: require client certificates it signed (mutual TLS)", "FILE"),
-    _Option("auth_token_file", "--auth-token-file", Path,
+    _Option("auth_token_file", "--auth-token-file", _path,
             "require 'authorization: Bearer <token>': file of 'TOKEN SCOPES [NAME]' lines, scopes "
             "infer,metadata,repository or *; grpc.health.v1 stays open (inline alternative: env NNSERVE_AUTH_TOKENS)",
             "FILE"),
-    _Option("intra_op_threads", "--intra-op-threads", int,
+    _Option("intra_op_threads", "--intra-op-threads", _count,
             "default onnxruntime intra-op threads per session (0: every CPU the cgroup quota allows)", "N"),
-    _Option("inter_op_threads", "--inter-op-threads", int,
+    _Option("inter_op_threads", "--inter-op-threads", _count,
             "default onnxruntime inter-op threads per session (0: onnxruntime's choice)", "N"),
-    _Option("gil_switch_interval_us", "--gil-switch-interval-us", int,
+    _Option("gil_switch_interval_us", "--gil-switch-interval-us", _count,
             "longest the event loop holds the GIL while an onnxruntime thread waits for it (Python's default: 5000)",
             "US"),
     _Option("graph_optimization_level", "--graph-optimization-level", str,
             "default onnxruntime graph optimization level", choices=OPTIMIZATION_LEVELS),
     _Option("dynamic_batching", "--dynamic-batching", _bool,
             "default for models whose config.json does not say: merge concurrent requests (true/false)", "BOOL"),
-    _Option("max_batch_size", "--max-batch-size", int,
+    _Option("max_batch_size", "--max-batch-size", _count,
             "default max_batch_size for batchable models whose config.json does not set one", "ROWS"),
     _Option("batch_delay_mode", "--batch-delay-mode", str,
             "default dynamic_batching.delay_mode: adaptive (wait only when measured to pay, within "
             "max_queue_delay_us) or fixed (Triton's fixed window)", choices=("adaptive", "fixed")),
-    _Option("workers", "--workers", int,
+    _Option("workers", "--workers", _count,
             "server processes sharing the gRPC port (SO_REUSEPORT), each batching on its own; N > 1 runs a "
             "supervisor that forwards SIGTERM and serves the merged metrics", "N"),
 )
@@ -155,6 +199,7 @@ def settings_from(args: argparse.Namespace, environ: Mapping[str, str] | None = 
     """ServerSettings from parsed flags over NNSERVE_* variables; ValueError naming the flag or variable."""
     environ = os.environ if environ is None else environ
     values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
     for option in OPTIONS:
         given = getattr(args, option.field, None)
         source = option.flag
@@ -169,11 +214,19 @@ def settings_from(args: argparse.Namespace, environ: Mapping[str, str] | None = 
         if option.choices is not None and value not in option.choices:
             raise ValueError(f"{source}: expected one of {', '.join(option.choices)}, got {value!r}")
         values[option.field] = value
+        sources[option.field] = source
     if "model_repository" not in values:
         raise ValueError("--model-repository (or NNSERVE_MODEL_REPOSITORY) is required")
     if _AUTH_TOKENS_ENV in environ:  # environment only: a secret on the command line is visible to `ps`
         values["auth_tokens"] = environ[_AUTH_TOKENS_ENV]
-    return ServerSettings(**values)
+    try:
+        return ServerSettings(**values)
+    except ValueError as exc:
+        # ServerSettings names its field ("grpc_port must be ..."); say which flag or variable set it.
+        field = str(exc).split(" ", 1)[0]
+        if field in sources:
+            raise ValueError(f"{sources[field]}: {exc}") from None
+        raise
 
 
 def run(args: argparse.Namespace) -> int:

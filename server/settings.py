@@ -47,6 +47,12 @@ class ServerSettings:
     """Upper bounds in seconds of the latency histograms (request, stages, batch collection); the default spans
     10 us to 10 s. Every replica of a deployment should use the same bounds, so that their histograms add up."""
 
+    port_file: Path | None = None
+    """When set, where the server reports the ports it bound once they are all bound and before the models load:
+    JSON `{"pid": ..., "host": ..., "grpc": ..., "metrics": ...}` (`metrics` null when off), written atomically and
+    removed when the server stops; the way to learn the ports that `grpc_port` 0 and `metrics_port` 0 picked.
+    With workers > 1 the supervisor writes it."""
+
     device: Device = "auto"
     """Default execution device: `auto` uses CUDA only when a session really gets it, else CPU."""
 

@@ -29,7 +29,11 @@ Health and readiness are per worker: a probe's connection reaches one of them. T
 start together; a worker that cannot serve brings the supervisor (and its probes) down as above.
 
 Metrics: workers run with `PROMETHEUS_MULTIPROC_DIR` set to a fresh directory and their own metrics port off; the
-supervisor serves the merged metrics on the metrics port (`nnserve.server.metrics.serve_aggregated_metrics`).
+supervisor serves the merged metrics on the metrics port (`nnserve.server.metrics.AggregatedMetricsServer`).
+
+Ports: the supervisor binds both (the reserved gRPC port, the merged metrics) before it starts the workers, then
+logs them and writes `--port-file` (its own pid), so the file never waits for the workers' interpreters and models;
+the workers start listening on the reserved port moments later (wait on the health service from then on).
 """
 
 from __future__ import annotations
@@ -44,12 +48,14 @@ import os
 import shutil
 import signal
 import socket
-import sys
 import tempfile
 import time
 from multiprocessing.process import BaseProcess
+from typing import Protocol
 
+from nnserve._process import end_process
 from nnserve.server import cpu_quota
+from nnserve.server.port_report import log_ports, port_report, remove_port_file, write_port_file
 from nnserve.server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -72,7 +78,8 @@ def supervise(settings: ServerSettings) -> int:
     threads = settings.intra_op_threads or cpu_quota.intra_op_threads(count)
     metrics_dir = tempfile.mkdtemp(prefix="nnserve-metrics-")
     worker_settings = dataclasses.replace(
-        settings, workers=1, reuse_port=True, grpc_port=port, metrics_port=None, intra_op_threads=threads
+        settings, workers=1, reuse_port=True, grpc_port=port, metrics_port=None, intra_op_threads=threads,
+        port_file=None,
     )
     wake_r, wake_w = socket.socketpair()
     wake_r.setblocking(False)
@@ -82,7 +89,18 @@ def supervise(settings: ServerSettings) -> int:
                 for sig in (signal.SIGTERM, signal.SIGINT)}
     previous_wakeup = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
     workers: list[BaseProcess] = []
+    metrics_server: _Stoppable | None = None
+    port_file_written = False
     try:
+        metrics_server, metrics_port = _serve_metrics(settings, metrics_dir)
+        log_ports(port, metrics_port)
+        if settings.port_file is not None:
+            report = port_report(pid=os.getpid(), host=settings.host, grpc=port, metrics=metrics_port)
+            try:
+                write_port_file(settings.port_file, report)
+            except OSError as exc:
+                raise SupervisorError(f"cannot write --port-file {settings.port_file}: {exc}") from None
+            port_file_written = True
         os.environ[MULTIPROC_ENV] = metrics_dir  # inherited by the spawned workers
         context = multiprocessing.get_context("spawn")
         level = logging.getLogger().getEffectiveLevel()
@@ -96,8 +114,7 @@ def supervise(settings: ServerSettings) -> int:
             "supervisor (pid %d): %d workers on %s:%d (pids %s), %d onnxruntime intra-op threads each",
             os.getpid(), count, settings.host, port, ", ".join(str(w.pid) for w in workers), threads,
         )
-        _serve_metrics(settings, metrics_dir)
-        return _wait(workers, wake_r, stop_requested, settings.grace_period_s)
+        clean = _wait(workers, wake_r, stop_requested, settings.grace_period_s)
     finally:
         signal.set_wakeup_fd(previous_wakeup)
         for sig, handler in previous.items():
@@ -109,8 +126,16 @@ def supervise(settings: ServerSettings) -> int:
         wake_r.close()
         wake_w.close()
         reservation.close()
+        if metrics_server is not None:
+            metrics_server.stop()
+        if port_file_written and settings.port_file is not None:
+            remove_port_file(settings.port_file, os.getpid())
         os.environ.pop(MULTIPROC_ENV, None)
         shutil.rmtree(metrics_dir, ignore_errors=True)
+        _stop_resource_tracker()
+    # The last line, once nothing is left to wait for (the process ends right after it: nnserve._process).
+    log.info("all %d workers stopped%s", count, "" if clean else " (not cleanly: exit status 1)")
+    return 0 if clean else 1
 
 
 def reserve_port(host: str, port: int) -> socket.socket:
@@ -151,28 +176,43 @@ def _accepts_connections(family: int, address: tuple[object, ...]) -> bool:
         return False
 
 
-def _serve_metrics(settings: ServerSettings, directory: str) -> None:
-    """The workers' merged metrics on the metrics port, when the metrics module offers the aggregation."""
-    if settings.metrics_port is None:
-        return
-    from nnserve.server import metrics
+class _Stoppable(Protocol):
+    def stop(self) -> None: ...
 
-    serve = getattr(metrics, "serve_aggregated_metrics", None)
-    if serve is None:
-        log.warning("metrics are not served with --workers > 1 by this build (no aggregation across workers)")
-        return
-    host = getattr(settings, "metrics_host", None) or settings.host
+
+def _serve_metrics(settings: ServerSettings, directory: str) -> tuple[_Stoppable | None, int | None]:
+    """The workers' merged metrics on the metrics port: the endpoint (to stop at exit) and the port it bound."""
+    if settings.metrics_port is None:
+        return None, None
+    from nnserve.server.metrics import AggregatedMetricsServer
+
+    host = settings.metrics_host or settings.host
+    server = AggregatedMetricsServer(directory)
     try:
-        serve(host, settings.metrics_port, directory)
+        port = server.start(host, settings.metrics_port)
     except OSError as exc:
         log.error("cannot serve metrics on %s:%d: %s; the workers serve on without /metrics",
                   host, settings.metrics_port, exc)
+        return None, None
+    log.info("aggregated metrics of the workers on http://%s:%d/metrics", host, port)
+    return server, port
+
+
+def _stop_resource_tracker() -> None:
+    """Reap multiprocessing's resource tracker (spawn starts one) instead of leaving it to notice our exit."""
+    from multiprocessing import resource_tracker
+
+    tracker = getattr(resource_tracker, "_resource_tracker", None)
+    stop = getattr(tracker, "_stop", None)
+    if stop is not None:
+        with contextlib.suppress(Exception):
+            stop()
 
 
 def _wait(
     workers: list[BaseProcess], wake: socket.socket, stop_requested: list[int], grace_period_s: float
-) -> int:
-    """Block until a stop signal or a worker's own exit, then stop every worker; the supervisor's exit status."""
+) -> bool:
+    """Block until a stop signal or a worker's own exit, then stop every worker; whether all stopped cleanly."""
     sentinels = {worker.sentinel: worker for worker in workers}
     failed: BaseProcess | None = None
     while not stop_requested and failed is None:
@@ -194,9 +234,7 @@ def _wait(
     else:
         log.info("received %s: stopping %d workers", signal.Signals(stop_requested[0]).name, len(workers))
     _stop_all(workers, grace_period_s, wake, stop_requested)
-    clean = failed is None and all(worker.exitcode == 0 for worker in workers)
-    log.info("all %d workers stopped%s", len(workers), "" if clean else " (not cleanly: exit status 1)")
-    return 0 if clean else 1
+    return failed is None and all(worker.exitcode == 0 for worker in workers)
 
 
 def _stop_all(workers: list[BaseProcess], grace_period_s: float, wake: socket.socket, signals: list[int]) -> None:
@@ -256,7 +294,7 @@ def _worker_main(settings: ServerSettings, index: int, log_level: int, superviso
         code = 1
     except KeyboardInterrupt:
         code = 130
-    sys.exit(code)
+    end_process(code)  # no interpreter teardown: the supervisor is waiting for this exit (nnserve._process)
 
 
 def _die_with_parent(supervisor_pid: int) -> None:

@@ -1,0 +1,153 @@
+"""`--port-file` and the `ports:` log line: a server started on port 0 says which ports it bound, before its models
+load, for one process and for `--workers N` (where the supervisor reports)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nnserve.server.app import StartupError, create_server
+from nnserve.server.cli import add_arguments, settings_from
+from nnserve.server.settings import ServerSettings
+from tests.conftest import (
+    DENSE_B,
+    DENSE_W,
+    STARTUP_TIMEOUT_S,
+    dense_model,
+    running_server,
+    wait_for_health,
+    write_model,
+)
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _repository(root: Path) -> Path:
+    write_model(root, "dense", dense_model(DENSE_W, DENSE_B))
+    return root
+
+
+def _wait_for_port_file(path: Path, process: subprocess.Popen[str], log: Path) -> dict[str, Any]:
+    """The report, once the file appears (it appears complete, by rename); fails if the server exits first."""
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while not path.exists():
+        if process.poll() is not None:
+            raise AssertionError(f"exited with {process.returncode} before writing {path}:\n{log.read_text()}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {path} within {STARTUP_TIMEOUT_S} s:\n{log.read_text()}")
+        time.sleep(0.01)
+    report: dict[str, Any] = json.loads(path.read_text())
+    return report
+
+
+def _serve(repository: Path, tmp_path: Path, *extra: str) -> tuple[subprocess.Popen[str], Path, Path]:
+    port_file, log = tmp_path / "run" / "ports.json", tmp_path / "serve.log"
+    port_file.parent.mkdir()
+    with log.open("w") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "nnserve", "serve", "--model-repository", str(repository), "--host", "127.0.0.1",
+             "--grpc-port", "0", "--metrics-port", "0", "--port-file", str(port_file), "--device", "cpu", *extra],
+            stdout=sink, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    return process, port_file, log
+
+
+def _scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        return str(response.read().decode())
+
+
+def test_in_process_server_reports_its_ports_while_it_serves_and_removes_the_file_when_it_stops(
+    tmp_path: Path,
+) -> None:
+    port_file = tmp_path / "ports.json"
+    with running_server(_repository(tmp_path / "repo"), port_file=port_file) as server:
+        report = json.loads(port_file.read_text())
+        assert report == {"pid": os.getpid(), "host": "127.0.0.1", "grpc": server.port, "metrics": None}
+        assert list(report) == ["pid", "host", "grpc", "metrics"]
+        assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # the temporary file was renamed
+    assert not port_file.exists()
+
+
+def test_serve_on_port_0_writes_the_bound_ports_before_loading_and_logs_them(tmp_path: Path) -> None:
+    process, port_file, log = _serve(_repository(tmp_path / "repo"), tmp_path)
+    try:
+        report = _wait_for_port_file(port_file, process, log)
+        assert set(report) == {"pid", "host", "grpc", "metrics"}
+        assert report["pid"] == process.pid
+        assert report["host"] == "127.0.0.1"
+        assert report["grpc"] > 0
+        assert report["metrics"] > 0
+        assert report["metrics"] != report["grpc"]
+        wait_for_health(f"127.0.0.1:{report['grpc']}")
+        assert "nnserve_model_ready" in _scrape(report["metrics"])
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
+    text = log.read_text()
+    line = f"ports: grpc={report['grpc']} metrics={report['metrics']}"
+    assert line in text, text
+    assert text.index(line) < text.index("loaded model 'dense'"), "the ports must be reported before models load"
+    assert not port_file.exists(), "a cleanly stopped server removes its port file"
+    assert list(port_file.parent.iterdir()) == []
+
+
+def test_workers_supervisor_reports_its_pid_the_shared_port_and_the_merged_metrics_port(tmp_path: Path) -> None:
+    process, port_file, log = _serve(_repository(tmp_path / "repo"), tmp_path, "--workers", "2")
+    try:
+        report = _wait_for_port_file(port_file, process, log)
+        assert report["pid"] == process.pid  # the supervisor, not a worker
+        wait_for_health(f"127.0.0.1:{report['grpc']}")
+        assert "nnserve_workers" in _scrape(report["metrics"])
+        assert json.loads(port_file.read_text()) == report  # no worker overwrote it
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
+    text = log.read_text()
+    assert text.count("ports: grpc=") == 1, text  # one line, the supervisor's
+    assert f"ports: grpc={report['grpc']} metrics={report['metrics']}" in text
+    assert not port_file.exists()
+
+
+def test_port_file_comes_from_the_flag_or_NNSERVE_PORT_FILE() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    from_env = settings_from(parser.parse_args(["--model-repository", "r"]), {"NNSERVE_PORT_FILE": "/run/p.json"})
+    assert from_env.port_file == Path("/run/p.json")
+    from_flag = settings_from(parser.parse_args(["--model-repository", "r", "--port-file", "f.json"]),
+                              {"NNSERVE_PORT_FILE": "/run/p.json"})
+    assert from_flag.port_file == Path("f.json")
+    assert settings_from(parser.parse_args(["--model-repository", "r"]), {}).port_file is None
+
+
+def test_an_unwritable_port_file_is_a_startup_error_naming_it(tmp_path: Path) -> None:
+    missing = tmp_path / "no_such_folder" / "ports.json"
+    settings = ServerSettings(_repository(tmp_path / "repo"), host="127.0.0.1", grpc_port=0, metrics_port=None,
+                              port_file=missing)
+
+    async def start() -> None:
+        app, _port = await create_server(settings)
+        try:
+            await app.start()
+        finally:
+            await app.stop(grace=0)
+
+    with pytest.raises(StartupError, match=f"cannot write --port-file {missing}"):
+        asyncio.run(start())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -30,6 +31,9 @@ log = logging.getLogger(__name__)
 MODEL_FILENAME = "model.onnx"
 PLATFORM = "onnxruntime_onnx"
 _ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*\w+\s*:\s*")
+_ABSOLUTE_DIRS = re.compile(r"(?<![^\s'\"(\[=])(?:/[^\s/:'\"]+)+/(?=[^\s/:'\"])")
+"""The folders of an absolute path that starts a word: `/srv/models/a/1/model.onnx` -> `model.onnx`. Only whole
+paths: a relative path (`repo/a/1/model.onnx`) keeps every separator."""
 
 
 @dataclass(frozen=True)
@@ -123,7 +127,8 @@ class ModelRunner:
             raise
         except Exception as exc:
             log.debug("onnxruntime failed to load %s", path, exc_info=True)
-            raise ModelLoadError(f"{name}/{version}/{path.name}: {_clean_ort_error(exc)}") from None
+            shown = f"{name}/{version}/{path.name}"
+            raise ModelLoadError(f"{shown}: {_clean_ort_error(exc, path, shown)}") from None
         runner = cls(name, version, path, session, provider, options)
         if runner.provider_fallback:
             # One warning line per process already gives the reason; this marks each model it affects.
@@ -262,8 +267,10 @@ def _count_initializers(path: Path) -> tuple[int, int]:
     return parameters, weight_bytes
 
 
-def _clean_ort_error(exc: BaseException) -> str:
-    """One readable line from an onnxruntime exception: no error-code prefix, no absolute paths."""
+def _clean_ort_error(exc: BaseException, path: Path | None = None, shown: str = "") -> str:
+    """One readable line from an onnxruntime exception: no error-code prefix, and no server folders: the model's
+    own file (`path`, as given or absolute) reads as `shown` (its place in the repository, `model/1/model.onnx`),
+    any other absolute path as its file name."""
     kind = type(exc).__name__
     text = " ".join(str(exc).split())
     text = _ORT_PREFIX.sub("", text)
@@ -271,7 +278,10 @@ def _clean_ort_error(exc: BaseException) -> str:
         return "not a valid ONNX model file (protobuf parsing failed)"
     if kind == "NoSuchFile":
         return "model file not found"
-    text = re.sub(r"(/[^\s:'\"]+)+/", "", text)
+    if path is not None and shown:
+        for form in sorted({str(path), os.path.abspath(path), str(path.resolve())}, key=len, reverse=True):
+            text = text.replace(form, shown)
+    text = _ABSOLUTE_DIRS.sub("", text)
     if len(text) > 300:
         text = text[:297] + "..."
     return text or kind

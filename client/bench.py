@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -90,6 +90,20 @@ def make_inputs(metadata: ModelMetadata, rows: int, seed: int = 0) -> dict[str, 
         else:
             inputs[tensor.name] = rng.integers(0, 100, shape).astype(dtype)
     return inputs
+
+
+def failures_by_status(levels: Iterable[LevelResult]) -> Counter[str]:
+    """Failed requests of every level, by gRPC status name."""
+    total: Counter[str] = Counter()
+    for level in levels:
+        total.update(level.errors)
+    return total
+
+
+def unexpected_failures(levels: Iterable[LevelResult], allowed: Collection[str] = ()) -> Counter[str]:
+    """The failures whose status is not in `allowed` (e.g. RESOURCE_EXHAUSTED when measuring overload): any of them
+    means the measurement is not of a working server."""
+    return Counter({code: count for code, count in failures_by_status(levels).items() if code not in allowed})
 
 
 async def run_bench(

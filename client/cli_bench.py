@@ -2,6 +2,10 @@
 
 Bounded in time (`--warmup` + `--duration` per level) and count (`--max-requests` per level). Prints a table (or
 `--json`) with client-side percentiles and the server-side split from ModelStatistics; `--plot FILE.png` draws them.
+
+A failed request fails the run (exit status 1, the failures by status on stderr): figures measured while the server
+answered UNAVAILABLE are not figures of a working server. Statuses the measurement expects (RESOURCE_EXHAUSTED when
+overloading on purpose) are named with `--allow-status`.
 """
 
 from __future__ import annotations
@@ -10,11 +14,14 @@ import argparse
 import asyncio
 import json
 import sys
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from nnserve.client.bench import BenchConfig, LevelResult, run_bench
+import grpc
+
+from nnserve.client.bench import BenchConfig, LevelResult, failures_by_status, run_bench, unexpected_failures
 from nnserve.client.cli_common import (
     EXIT_OK,
     EXIT_REQUEST_FAILED,
@@ -26,6 +33,8 @@ from nnserve.client.cli_common import (
 )
 from nnserve.client.errors import InferenceError
 from nnserve.client.plot import MISSING_MATPLOTLIB, plot_levels, plotting_available
+
+_STATUS_NAMES = frozenset(code.name for code in grpc.StatusCode)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,13 +50,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-requests", type=_positive_int, default=1_000_000, help="most requests per level (default 1000000)"
     )
     parser.add_argument("--version", help="model version (default: the server's choice)")
+    parser.add_argument(
+        "--allow-status", metavar="CODE[,CODE]", type=_statuses, action="append", default=[],
+        help="gRPC status that does not fail the run, e.g. RESOURCE_EXHAUSTED (repeatable or a comma list); "
+        "by default any failed request makes the exit status 1",
+    )
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--plot", metavar="FILE.png", type=Path, help="save a figure (needs matplotlib)")
     add_connection_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run `nnserve bench`; exit codes per `nnserve.client.cli_common` (1 also when a level had no success)."""
+    """Run `nnserve bench`; exit codes per `nnserve.client.cli_common`: 1 also when a level had no success, or when
+    any request failed with a status not given to --allow-status."""
     if args.plot is not None and not plotting_available():
         print(f"nnserve bench: {MISSING_MATPLOTLIB}", file=sys.stderr)
         return EXIT_USAGE
@@ -72,7 +87,17 @@ def run(args: argparse.Namespace) -> int:
     if args.plot is not None:
         plot_levels(levels, args.plot, f"nnserve bench {config.model}, {config.batch_rows} row(s) per request")
         print(f"plot written to {args.plot}", file=sys.stderr)
-    return EXIT_OK if all(level.requests for level in levels) else EXIT_REQUEST_FAILED
+    allowed = {code for codes in args.allow_status for code in codes}
+    unexpected = unexpected_failures(levels, allowed)
+    failed = failures_by_status(levels)
+    if failed:
+        verdict = f"not allowed: {', '.join(sorted(unexpected))}" if unexpected else "all allowed by --allow-status"
+        print(f"nnserve bench: {sum(failed.values())} requests failed: {_by_status(failed)} ({verdict})",
+              file=sys.stderr)
+    if not all(level.requests for level in levels):
+        print("nnserve bench: a concurrency level had no successful request", file=sys.stderr)
+        return EXIT_REQUEST_FAILED
+    return EXIT_REQUEST_FAILED if unexpected else EXIT_OK
 
 
 async def _bench(args: argparse.Namespace, config: BenchConfig) -> list[LevelResult]:
@@ -106,7 +131,7 @@ def format_levels(levels: list[LevelResult]) -> str:
                 _ms(server.queue_ms if server else None),
                 _ms(server.compute_infer_ms if server else None),
                 f"{server.rows_per_execution:.1f}" if server and server.rows_per_execution else None,
-                ", ".join(f"{code} {count}" for code, count in sorted(level.errors.items())) or "0",
+                _by_status(level.errors) or "0",
             ]
         )
     return format_table(headers, rows, right=[True] * (len(headers) - 1) + [False])
@@ -121,7 +146,24 @@ def _as_json(args: argparse.Namespace, config: BenchConfig, levels: list[LevelRe
         "duration_s": config.duration_s,
         "warmup_s": config.warmup_s,
         "levels": [asdict(level) for level in levels],
+        "failures": dict(failures_by_status(levels)),
+        "allowed_statuses": sorted({code for codes in args.allow_status for code in codes}),
     }
+
+
+def _by_status(counts: Mapping[str, int]) -> str:
+    """`UNAVAILABLE 1200, DEADLINE_EXCEEDED 3`: most frequent first."""
+    return ", ".join(f"{code} {count}" for code, count in sorted(counts.items(), key=lambda item: (-item[1], item[0])))
+
+
+def _statuses(text: str) -> tuple[str, ...]:
+    codes = tuple(part.strip().upper() for part in text.split(",") if part.strip())
+    unknown = [code for code in codes if code not in _STATUS_NAMES or code == "OK"]
+    if not codes or unknown:
+        raise argparse.ArgumentTypeError(
+            f"expected gRPC status names such as RESOURCE_EXHAUSTED or UNAVAILABLE, got {text!r}"
+        )
+    return codes
 
 
 def _ms(value: float | None) -> str | None:
@@ -139,14 +181,20 @@ def _levels(text: str) -> tuple[int, ...]:
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
     return value
 
 
 def _positive_float(text: str) -> float:
-    value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
     return value

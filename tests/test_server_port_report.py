@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -121,6 +122,11 @@ def test_workers_supervisor_reports_its_pid_the_shared_port_and_the_merged_metri
             process.kill()
             process.wait(timeout=10)
     text = log.read_text()
+    workers = {int(pid) for pid in re.findall(r"\[worker \d+ pid (\d+)\]", text)}
+    assert len(workers) == 2, text
+    for pid in workers:  # the supervisor reaped its workers before it ended
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
     assert text.count("ports: grpc=") == 1, text  # one line, the supervisor's
     assert f"ports: grpc={report['grpc']} metrics={report['metrics']}" in text
     assert not port_file.exists()

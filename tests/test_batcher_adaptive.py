@@ -1,21 +1,28 @@
 """The batch window: sub-millisecond precision, the adaptive delay rule, and the inline fast path for tiny models.
 
-Timing assertions are one-sided or generous (medians, wide bounds): they tell a 100 us window from the 1.1 ms that
-asyncio's millisecond timers made of it, not 100 us from 120 us, so that a loaded CI machine does not fail them.
+Nothing here measures how late a wake-up comes, which a busy CI machine decides, not nnserve: the windows a batcher
+arms are recorded by its own timer (when it was armed, the instant it ends), the loop's waits by its own selector
+(the timeout it asked the kernel for, the events that woke it), so "exact to tens of microseconds" is checked as
+"armed at arrival + max_queue_delay, on a timerfd that the loop sleeps on without a millisecond timeout", and "a lone
+client never waits" as "no window was ever armed". The lateness itself is a benchmark figure
+(benchmarks/batch_window.py). The one clock-derived decision left, which batches run inline, tolerates a stray
+descheduled sample.
 """
 
 from __future__ import annotations
 
 import asyncio
-import statistics
+import selectors
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
 import pytest
 
+from nnserve.server import batcher as batcher_module
 from nnserve.server.batch_policy import AdaptiveDelay, CostTable
 from nnserve.server.batcher import BatchOutcome, DynamicBatcher
 from nnserve.server.batching_settings import BatchingSettings
@@ -46,6 +53,45 @@ def run_batcher(
     return asyncio.run(main())
 
 
+@dataclass(frozen=True)
+class Window:
+    """One batch window a batcher armed on its timer."""
+
+    armed_at: float
+    """Loop time when the batcher armed it."""
+    due: float
+    """The loop time at which it ends."""
+    precise: bool
+    """On a timerfd (exact), not asyncio's millisecond timers."""
+
+
+@pytest.fixture
+def windows(monkeypatch: pytest.MonkeyPatch) -> list[Window]:
+    """Every window the batchers of a test arm, recorded by their own, real timer (a wait is a window)."""
+    armed: list[Window] = []
+
+    class RecordingTimer(PreciseTimer):
+        def call_at(self, when: float, callback: Callable[[], None]) -> None:
+            armed.append(Window(asyncio.get_running_loop().time(), when, self.precise))
+            super().call_at(when, callback)
+
+    monkeypatch.setattr(batcher_module, "PreciseTimer", RecordingTimer)
+    return armed
+
+
+class RecordingSelector(selectors.DefaultSelector):
+    """The event loop's real selector, recording every wait: (timeout the loop asked for, events it returned)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waits: list[tuple[float | None, int]] = []
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        ready = super().select(timeout)
+        self.waits.append((timeout, len(ready)))
+        return ready
+
+
 def x_of(request: int, rows: int = 1) -> np.ndarray:
     return np.full((rows, 3), float(request))
 
@@ -63,51 +109,78 @@ async def sequential(batcher: DynamicBatcher, count: int) -> list[BatchOutcome]:
 # -- sub-millisecond windows -----------------------------------------------------------------------------------------
 
 
-def test_lone_request_under_default_settings_is_not_delayed_by_a_millisecond_timer() -> None:
+def test_lone_request_under_default_settings_is_not_delayed_by_a_millisecond_timer(windows: list[Window]) -> None:
     outcomes = run_batcher(double, lambda batcher: sequential(batcher, 40))
-    waits = [outcome.queue_seconds for outcome in outcomes]
-    # asyncio's selector rounds a 100 us timer up to >= 1 ms; the default must cost far less than that.
-    assert statistics.median(waits) < 0.0005, f"median queue time {statistics.median(waits) * 1e3:.3f} ms"
+    # asyncio's selector rounds a 100 us timer up to >= 1 ms; under the default (adaptive) a lone client arms none.
+    assert windows == [], f"a lone client waited for companions {len(windows)} times"
+    assert all(outcome.batch_requests == 1 for outcome in outcomes)
 
 
-def test_fixed_sub_millisecond_window_is_waited_precisely_not_rounded_up_to_a_millisecond() -> None:
+def test_fixed_sub_millisecond_window_is_waited_precisely_not_rounded_up_to_a_millisecond(
+    windows: list[Window],
+) -> None:
     model_started: list[float] = []
 
     def timed(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         model_started.append(time.monotonic())
         return double(inputs)
 
-    async def scenario(batcher: DynamicBatcher) -> list[float]:
-        delays = []
+    async def scenario(batcher: DynamicBatcher) -> list[tuple[float, float]]:
+        loop = asyncio.get_running_loop()
+        arrivals = []
         for i in range(15):
-            submitted = time.monotonic()
-            await batcher.submit({"x": x_of(i)})
-            delays.append(model_started[-1] - submitted)
-        return delays
+            before = loop.time()
+            lone = asyncio.ensure_future(batcher.submit({"x": x_of(i)}))
+            await asyncio.sleep(0)  # its first step has run: queued, and the collector not yet awake
+            arrivals.append((before, loop.time()))
+            await lone
+        return arrivals
 
-    delays = run_batcher(timed, scenario, delay_mode="fixed", max_queue_delay_us=200, inline_max_compute_us=0)
-    assert min(delays) >= 0.0002 * 0.9, "a fixed window closed before max_queue_delay"
-    assert statistics.median(delays) < 0.0009, f"median wait {statistics.median(delays) * 1e3:.3f} ms for 0.2 ms"
+    arrivals = run_batcher(timed, scenario, delay_mode="fixed", max_queue_delay_us=200, inline_max_compute_us=0)
+    assert len(arrivals) == len(model_started) == 15
+    for (before, _), started in zip(arrivals, model_started, strict=True):
+        assert started >= before + 0.0002, "a fixed window closed before max_queue_delay"
+    # Each window is on the timerfd (see the timer test below: the loop sleeps on it with no millisecond timeout)
+    # and ends exactly 200 us after its request's arrival, which lies between the two readings. A request whose
+    # 200 us had passed before the collector woke (the machine descheduled the loop) rightly arms none.
+    assert windows, "no request waited for companions in fixed mode"
+    owners = []
+    for window in windows:
+        assert window.precise
+        owner = [i for i, (before, queued_by) in enumerate(arrivals) if before <= window.due - 0.0002 <= queued_by]
+        assert len(owner) == 1, f"a window not counted from a request's arrival: {window}"
+        owners += owner
+    assert len(set(owners)) == len(owners), "a request waited twice"
 
 
 def test_precise_timer_fires_at_a_sub_millisecond_instant() -> None:
-    async def main() -> list[float]:
+    selector = RecordingSelector()
+
+    async def main() -> list[tuple[float, list[tuple[float | None, int]]]]:
         loop = asyncio.get_running_loop()
         timer = PreciseTimer(loop)
-        lateness = []
+        assert timer.precise, "no timerfd: windows would be rounded up to asyncio's millisecond"
+        fires = []
         try:
             for _ in range(15):
                 fired = loop.create_future()
                 due = loop.time() + 0.0003
                 timer.call_at(due, lambda f=fired: f.set_result(loop.time()))
-                lateness.append(await fired - due)
+                waited_from = len(selector.waits)
+                at = await fired
+                fires.append((at - due, selector.waits[waited_from:]))
         finally:
             timer.close()
-        return lateness
+        return fires
 
-    lateness = asyncio.run(main())
-    assert min(lateness) >= -1e-5, "the timer fired before its instant"
-    assert statistics.median(lateness) < 0.0006
+    with asyncio.Runner(loop_factory=lambda: asyncio.SelectorEventLoop(selector)) as runner:
+        fires = runner.run(main())
+    for lateness, waits in fires:
+        assert lateness >= -1e-5, "the timer fired before its instant"
+        # The loop slept on the kernel's timer alone: no wait had a (millisecond-rounded) timeout, and the one that
+        # ended the sleep returned the timer's fd. An asyncio timer would show as a wait with timeout ~0.0003.
+        assert all(timeout in (None, 0) for timeout, _ in waits), waits
+        assert (None, 1) in waits, waits
 
 
 def test_cancelled_precise_timer_never_fires() -> None:
@@ -165,10 +238,12 @@ def test_cost_floor_follows_drops_at_once_and_rises_slowly() -> None:
     assert table.entry(1) == pytest.approx(0.000008)
 
 
-def burst_policy(budget_s: float, per_batch_s: float, gap_s: float, bursts: int = 30) -> AdaptiveDelay:
-    """A policy that saw `bursts` bursts of 4 requests `gap_s` apart, batches costing per_batch_s + 10 us/row."""
-    policy = AdaptiveDelay(budget_s, 64)
-    now = 0.0
+def teach_bursts(
+    policy: AdaptiveDelay, budget_s: float, per_batch_s: float, gap_s: float, bursts: int = 30, start: float = 0.0
+) -> None:
+    """Feed a policy `bursts` bursts of 4 requests `gap_s` apart from `start` (loop time), batches costing
+    per_batch_s + 10 us/row, through the same calls the batcher makes."""
+    now = start
     for _ in range(bursts):
         for i in range(4):
             policy.on_arrival(now, in_server=i)
@@ -177,6 +252,12 @@ def burst_policy(budget_s: float, per_batch_s: float, gap_s: float, bursts: int 
         policy.on_batch(4, per_batch_s + 4e-5)
         policy.on_batch(1, per_batch_s + 1e-5)
         now += 0.05
+
+
+def burst_policy(budget_s: float, per_batch_s: float, gap_s: float, bursts: int = 30) -> AdaptiveDelay:
+    """A policy that saw `bursts` bursts of 4 requests `gap_s` apart, batches costing per_batch_s + 10 us/row."""
+    policy = AdaptiveDelay(budget_s, 64)
+    teach_bursts(policy, budget_s, per_batch_s, gap_s, bursts)
     return policy
 
 
@@ -223,33 +304,57 @@ def test_adaptive_policy_without_measurements_does_not_wait() -> None:
 # -- the adaptive batcher -----------------------------------------------------------------------------------------
 
 
-def test_adaptive_batcher_gathers_bursts_for_a_model_with_a_large_per_batch_cost() -> None:
+async def window_armed(windows: list[Window], count: int) -> None:
+    """Let the loop run until the batcher has armed its `count`-th window (a few iterations; bounded, not timed)."""
+    for _ in range(1000):
+        if len(windows) >= count:
+            return
+        await asyncio.sleep(0)
+    raise AssertionError(f"the batcher armed {len(windows)} windows, not {count}: it did not wait for the burst")
+
+
+def test_adaptive_batcher_gathers_bursts_for_a_model_with_a_large_per_batch_cost(windows: list[Window]) -> None:
+    """The policy's learning is tested above on synthetic clocks, and how often real bursts are gathered is a
+    benchmark figure (benchmarks/batch_window.py: it depends on how evenly a machine delivers the arrivals). Here:
+    that the batcher asks the policy, holds a lone request open when it grants a window, and merges what arrives.
+
+    Each request of a burst is sent once the batcher has armed its window, so it is queued before the loop can see
+    the window end, however late the machine runs: the outcome does not depend on how long the window is."""
+    budget_s, per_batch_s, gap_s = 0.1, 0.02, 0.002
+
     def costly(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        time.sleep(0.01)  # a per-execution cost that merging saves, like streaming a large model's weights
+        time.sleep(per_batch_s)  # a per-execution cost that merging saves, like streaming a large model's weights
         return double(inputs)
 
-    async def scenario(batcher: DynamicBatcher) -> tuple[list[list[int]], float]:
+    async def scenario(batcher: DynamicBatcher) -> list[list[int]]:
+        loop = asyncio.get_running_loop()
+        alone = await batcher.submit({"x": x_of(0)})
+        assert (alone.batch_requests, windows) == (1, []), "a batcher with nothing measured waited"
+        # What the batcher would have measured from earlier bursts (its policy is private: the same calls it makes).
+        teach_bursts(batcher._adaptive, budget_s, per_batch_s, gap_s, start=loop.time() - 10.0)  # type: ignore[arg-type]
+        assert 0 < batcher.current_delay_s < budget_s / 4  # about two gaps (4 ms), not the whole budget
         rounds = []
-        for round_index in range(14):
+        for round_index in range(3):
             tasks = []
             for i in range(4):
                 tasks.append(asyncio.ensure_future(batcher.submit({"x": x_of(round_index * 10 + i)})))
-                await asyncio.sleep(0.002)
+                if i < 3:
+                    await window_armed(windows, len(windows) + 1)  # the batcher now waits for one more request
             outcomes = await asyncio.gather(*tasks)
+            for outcome, task_index in zip(outcomes, range(4), strict=True):
+                np.testing.assert_array_equal(outcome.outputs["y"], x_of(round_index * 10 + task_index) * 2)
             rounds.append([outcome.batch_requests for outcome in outcomes])
-        return rounds, batcher.current_delay_s
+        return rounds
 
-    rounds, delay = run_batcher(costly, scenario, max_queue_delay_us=40_000)
-    # Before any measurement the first request of a round runs alone (natural batching gathers the rest);
-    # once the costs and gaps are known the batcher waits for the burst, and whole rounds share one execution.
-    assert rounds[0][0] == 1
-    assert sum(1 for requests in rounds[-5:] if requests == [4, 4, 4, 4]) >= 3, rounds
-    assert 0 < delay <= 0.04
+    rounds = run_batcher(costly, scenario, max_queue_delay_us=int(budget_s * 1_000_000))
+    assert rounds == [[4, 4, 4, 4]] * 3, "the burst was not gathered into one execution"
+    # Each window is about two gaps (4 ms), not the whole budget, on the precise timer.
+    assert all(window.precise and 0 < window.due - window.armed_at < budget_s / 4 for window in windows), windows
 
 
-def test_adaptive_batcher_runs_a_lone_client_at_once_even_with_a_large_budget() -> None:
+def test_adaptive_batcher_runs_a_lone_client_at_once_even_with_a_large_budget(windows: list[Window]) -> None:
     outcomes = run_batcher(double, lambda batcher: sequential(batcher, 30), max_queue_delay_us=50_000)
-    assert statistics.median(outcome.queue_seconds for outcome in outcomes) < 0.0005
+    assert windows == [], "a lone client waited for companions"
     assert all(outcome.batch_requests == 1 for outcome in outcomes)
 
 
@@ -275,7 +380,10 @@ def test_tiny_model_moves_onto_the_event_loop_once_measured_cheap() -> None:
     loop_thread = threading.current_thread()  # asyncio.run runs the loop on this thread
     run_batcher(recording, lambda batcher: sequential(batcher, 40))
     assert threads[0] is not loop_thread, "an unmeasured model ran on the event loop"
-    assert all(thread is loop_thread for thread in threads[-10:]), "a tiny model still pays the thread hand-off"
+    # The placement follows measured compute times: a run during which a busy machine descheduled the process
+    # measures milliseconds and sends the next batch to a thread once (the floor drops back at its next sample).
+    inline = sum(thread is loop_thread for thread in threads[-10:])
+    assert inline >= 8, f"a tiny model still pays the thread hand-off ({inline} of the last 10 ran inline)"
 
 
 def test_slow_model_never_runs_on_the_event_loop() -> None:

@@ -21,8 +21,10 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from nnserve import __version__
 from nnserve.protos import grpc_service_pb2 as pb
 from nnserve.protos import grpc_service_pb2_grpc as pb_grpc
+from nnserve.server.dataplane import DataPlane
 from nnserve.server.decode_guard import GuardedRegistrar
 from nnserve.server.errors import DeviceUnavailableError
+from nnserve.server.frontends.grpc_servicer import InferenceServicer
 from nnserve.server.health import SERVICE_NAME as HEALTH_SERVICE
 from nnserve.server.health import HealthReporter
 from nnserve.server.metrics import MetricsServer, MultiprocessWriter, ServingState, multiprocess_dir
@@ -36,7 +38,6 @@ from nnserve.server.security import (
     install_log_filters,
     server_credentials,
 )
-from nnserve.server.service import InferenceServicer
 from nnserve.server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -57,17 +58,17 @@ class InferenceServer:
         grpc_server: grpc.aio.Server,
         port: int,
         repository: ModelRepository,
-        servicer: InferenceServicer,
+        dataplane: DataPlane,
         health: HealthReporter,
     ) -> None:
         self.settings = settings
         self.port = port
         self.repository = repository
-        self.servicer = servicer
+        self.dataplane = dataplane
         self.health = health
         self.metrics: MetricsServer | None = None
         self.metrics_writer: MultiprocessWriter | None = None
-        self.metrics_state = ServingState(repository, servicer.unrouted, lambda: servicer.inflight)
+        self.metrics_state = ServingState(repository, dataplane.unrouted, lambda: dataplane.inflight)
         self._grpc = grpc_server
         self._stopping: asyncio.Task[None] | None = None
         self._port_file_written = False
@@ -105,7 +106,7 @@ class InferenceServer:
             self.metrics_writer = MultiprocessWriter(self.metrics_state)
             self.metrics_writer.start()
         await self._update_server_health()
-        if self.servicer.is_ready():
+        if self.dataplane.is_ready():
             log.info("ready: serving on %s", address)
         else:
             log.warning("not ready (strict readiness: every model must be ready); serving the ready models anyway")
@@ -139,14 +140,14 @@ class InferenceServer:
     async def _shutdown(self, grace: float) -> None:
         deadline = time.monotonic() + grace
         await self.health.shutdown()
-        self.servicer.begin_drain()
-        inflight = self.servicer.inflight
+        self.dataplane.begin_drain()
+        inflight = self.dataplane.inflight
         log.info("shutting down: draining %d accepted requests (grace period %.1f s)", inflight, grace)
         # Nothing to wait for is not a timeout: wait_for(..., 0) (a failed start stops with grace 0) times out
         # before it ever looks, even when no request is running.
-        idle = self.servicer.inflight == 0 or await self.servicer.wait_idle(grace)
-        if not idle and self.servicer.inflight:
-            log.warning("%d requests were still running when the grace period ended", self.servicer.inflight)
+        idle = self.dataplane.inflight == 0 or await self.dataplane.wait_idle(grace)
+        if not idle and self.dataplane.inflight:
+            log.warning("%d requests were still running when the grace period ended", self.dataplane.inflight)
         await self._grpc.stop(max(0.0, min(1.0, deadline - time.monotonic())))
         await self.repository.close(timeout=max(0.0, deadline - time.monotonic()))
         if self.metrics_writer is not None:
@@ -155,11 +156,11 @@ class InferenceServer:
             self.metrics.stop()
         if self._port_file_written and self.settings.port_file is not None:
             remove_port_file(self.settings.port_file, os.getpid())
-        log.info("stopped; %d inference requests were accepted since the start", self.servicer.accepted_total)
+        log.info("stopped; %d inference requests were accepted since the start", self.dataplane.accepted_total)
 
     async def _update_server_health(self, _entry: ModelEntry | None = None) -> None:
         if self._stopping is None:
-            await self.health.set_server(self.servicer.is_ready())
+            await self.health.set_server(self.dataplane.is_ready())
 
 
 async def create_server(settings: ServerSettings) -> tuple[InferenceServer, int]:
@@ -180,7 +181,8 @@ async def create_server(settings: ServerSettings) -> tuple[InferenceServer, int]
         raise StartupError(str(exc)) from None
     install_log_filters()
     repository = ModelRepository(settings)
-    servicer = InferenceServicer(repository, settings)
+    dataplane = DataPlane(repository, settings)
+    servicer = InferenceServicer(dataplane)
     health = HealthReporter()
     grpc_server = grpc.aio.server(
         # Token scopes, on every call; no interceptor at all without tokens (each costs every call).
@@ -214,7 +216,7 @@ async def create_server(settings: ServerSettings) -> tuple[InferenceServer, int]
         else "TLS, client certificates required" if settings.tls_client_ca is not None else "TLS",
         "off" if tokens is None else f"on ({len(tokens)} tokens; grpc.health.v1 open to probes)",
     )
-    app = InferenceServer(settings, grpc_server, port, repository, servicer, health)
+    app = InferenceServer(settings, grpc_server, port, repository, dataplane, health)
     await health.set_server(False)
     await health.set_alive()
     repository.add_listener(health.on_model_change)

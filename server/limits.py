@@ -11,7 +11,6 @@ RESOURCE_EXHAUSTED when a model's queue is full.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -19,7 +18,6 @@ from typing import TYPE_CHECKING
 from nnserve.server.errors import InvalidInputError
 
 if TYPE_CHECKING:
-    from nnserve.server.repository import ServedVersion
     from nnserve.server.settings import ServerSettings
 
 MAX_STATUS_MESSAGE_CHARS = 1024
@@ -108,20 +106,6 @@ def client_message(text: str) -> str:
     if len(text) <= MAX_STATUS_MESSAGE_CHARS:
         return text
     return text[: MAX_STATUS_MESSAGE_CHARS - 24] + " ... (message truncated)"
-
-
-def retry_after_ms(served: ServedVersion) -> int:
-    """How long the model's current queue takes to drain, estimated from its own statistics, in milliseconds.
-
-    Queue depth / requests per execution gives the executions still ahead; each takes the mean execution time
-    seen so far, spread over the model's instances. Clamped to [1, 5000] ms: a hint, not a promise.
-    """
-    stats = served.stats
-    batch_s = stats.compute_infer.ns / stats.compute_infer.count / 1e9 if stats.compute_infer.count else 0.001
-    per_execution = max(1.0, stats.success.count / stats.execution_count) if stats.execution_count else 1.0
-    executions = math.ceil(served.executor.queue_depth / per_execution)
-    estimate_ms = executions * batch_s * 1000 / max(1, served.batching.instances)
-    return int(min(MAX_RETRY_AFTER_MS, max(MIN_RETRY_AFTER_MS, math.ceil(estimate_ms))))
 
 
 def retry_trailers(milliseconds: int) -> tuple[tuple[str, str], ...]:

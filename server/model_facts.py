@@ -1,5 +1,5 @@
-"""What a served model is and where it runs: opset and IR version, the provider fallback check, and the facts'
-wire form (ModelConfig parameters).
+"""What a served model is and where it runs: opset and IR version, and the provider fallback check (the facts' wire
+form is `nnserve.server.model_view`).
 
 Size facts (parameters, bytes, FLOPs, layers) come from the builder's `metadata_props` (see `runner.ModelFacts`);
 this module adds what the graph file and the session say, cheaply: the opset is read from the file's top-level
@@ -9,19 +9,14 @@ protobuf fields without parsing the (possibly gigabyte) graph.
 from __future__ import annotations
 
 import io
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import BinaryIO
 
 import onnxruntime as ort
 
 from nnserve.server.providers import CUDA, cuda_unavailable_reason
-
-if TYPE_CHECKING:
-    from nnserve.server.batching_settings import BatchingSettings
-    from nnserve.server.runner import ModelRunner
 
 log = logging.getLogger(__name__)
 
@@ -138,39 +133,3 @@ def provider_fallback_reason(requested_device: str, provider: str, device_id: in
     if requested_device == "cpu" or provider == CUDA or CUDA not in ort.get_available_providers():
         return ""
     return cuda_unavailable_reason(device_id) or f"onnxruntime placed the session on {provider} instead of CUDA"
-
-
-def config_parameters(
-    runner: ModelRunner, version: str, batching: BatchingSettings | None = None
-) -> dict[str, str]:
-    """Facts of a loaded version as ModelConfig `parameters` (string values, as Triton's clients read them).
-
-    `batching` adds `delay_mode` (fixed or adaptive) for a version that batches: Triton's ModelDynamicBatching has
-    no field for it, and without it a client cannot tell whether `max_queue_delay_microseconds` is a fixed window
-    or an adaptive budget.
-    """
-    facts = runner.facts
-    parameters = {
-        "execution_provider": runner.provider,
-        "requested_device": runner.requested_device,
-        "provider_fallback": "true" if runner.provider_fallback else "false",
-        "parameter_count": str(facts.parameter_count),
-        "weight_bytes": str(facts.weight_bytes),
-        "version": version,
-    }
-    if runner.provider_fallback:
-        parameters["provider_fallback_reason"] = runner.provider_fallback
-    optional = {
-        "flops_per_sample": facts.flops_per_sample,
-        "opset": facts.opset,
-        "ir_version": facts.ir_version,
-        "dtype": facts.dtype or None,
-        "spec_sha256": facts.spec_sha256 or None,
-        "builder_version": facts.builder_version or None,
-    }
-    parameters.update({key: str(value) for key, value in optional.items() if value is not None})
-    if batching is not None and batching.enabled and runner.batched:
-        parameters["delay_mode"] = batching.delay_mode
-    if facts.layers:
-        parameters["layers"] = json.dumps(list(facts.layers), separators=(",", ":"))
-    return parameters

@@ -16,7 +16,7 @@ import pytest
 
 from nnserve.builder import build
 from nnserve.protos import grpc_service_pb2 as pb
-from nnserve.server import model_facts
+from nnserve.server import model_facts, model_view
 from nnserve.server.batching_settings import BatchingSettings
 from nnserve.server.model_facts import provider_fallback_reason, read_model_header
 from nnserve.server.providers import CPU, CUDA, cuda_unavailable_reason
@@ -152,6 +152,6 @@ def test_config_parameters_carry_the_delay_mode_of_a_batching_version(tmp_path: 
     result = build(EXAMPLES / "001_perceptron.json", tmp_path)
     runner = ModelRunner.load("perceptron", 1, result.model_path, RunnerOptions(device="cpu"))
     for mode in ("fixed", "adaptive"):
-        assert model_facts.config_parameters(runner, "1", BatchingSettings(delay_mode=mode))["delay_mode"] == mode
-    assert "delay_mode" not in model_facts.config_parameters(runner, "1", BatchingSettings(enabled=False))
-    assert "delay_mode" not in model_facts.config_parameters(runner, "1")
+        assert model_view.config_parameters(runner, "1", BatchingSettings(delay_mode=mode))["delay_mode"] == mode
+    assert "delay_mode" not in model_view.config_parameters(runner, "1", BatchingSettings(enabled=False))
+    assert "delay_mode" not in model_view.config_parameters(runner, "1")

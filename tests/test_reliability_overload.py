@@ -164,7 +164,7 @@ def test_one_connection_never_has_more_calls_in_flight_than_max_concurrent_strea
 
         def sample() -> None:
             while not sampling.is_set():
-                most[0] = max(most[0], server.app.servicer.inflight)
+                most[0] = max(most[0], server.app.dataplane.inflight)
                 time.sleep(0.0005)
 
         sampler = threading.Thread(target=sample, daemon=True)

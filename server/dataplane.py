@@ -1,0 +1,451 @@
+"""The protocol-neutral request path: what every frontend (gRPC, HTTP/REST) translates its wire format onto.
+
+A frontend turns its request into an `InferenceRequest` (tensors whose data it knows how to turn into numpy),
+calls `DataPlane.infer` with an encoder for its own response type, and maps the `ServingError` it may raise through
+its status table (`nnserve.server.frontends.status`). Everything else lives here once: draining and the count of
+accepted requests, version lookup, decoding and checking every input in one pass, the executor, requested
+outputs, statistics, per-request timing, the retry hint of a full queue, and failures counted for requests that
+never reached a version. Nothing here imports grpc or an HTTP library.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, Protocol, TypeVar
+
+import numpy as np
+
+from nnserve.server.errors import (
+    DeadlineExpiredError,
+    ExecutionError,
+    InvalidInputError,
+    ModelNotFoundError,
+    ModelNotReadyError,
+    QueueFullError,
+    RepositoryControlError,
+    RequestCancelledError,
+    ServerUnavailableError,
+    ServingError,
+)
+from nnserve.server.limits import MAX_RETRY_AFTER_MS, MIN_RETRY_AFTER_MS, RequestLimits, clip
+from nnserve.server.repository import IndexRow, ModelEntry, ModelRepository, ServedVersion
+from nnserve.server.settings import ServerSettings
+from nnserve.server.statistics import UnroutedRequests, unrouted_labels
+from nnserve.server.tensors import Signature, TensorSpec, check_input_shape, explain_input_names
+from nnserve.server.timing import RequestTiming
+
+log = logging.getLogger(__name__)
+
+R = TypeVar("R")
+ParameterValue = bool | int | float | str
+
+SHUTTING_DOWN = "the server is shutting down and accepts no new requests; retry on another replica"
+TIMEOUT_PARAMETER = "timeout"
+"""The v2 schedule-policy request parameter: microseconds the request may wait (the earlier of it and the call's
+own deadline wins)."""
+
+# Failure labels for statistics and the metrics' `outcome` label (most specific class first).
+FAILURE_REASONS: dict[type[ServingError], str] = {
+    InvalidInputError: "invalid",
+    ModelNotFoundError: "not_found",
+    ModelNotReadyError: "not_ready",
+    QueueFullError: "rejected",
+    DeadlineExpiredError: "deadline",
+    RequestCancelledError: "cancelled",
+    ServerUnavailableError: "unavailable",
+    ExecutionError: "internal",
+}
+
+
+def failure_reason(exc: ServingError) -> str:
+    for cls in type(exc).__mro__:
+        reason = FAILURE_REASONS.get(cls)  # type: ignore[call-overload]
+        if reason is not None:
+            return reason
+    return "internal"
+
+
+class TensorData(Protocol):
+    """An input's data in its wire form; the frontend that received it knows how to turn it into numpy."""
+
+    def to_array(self, spec: TensorSpec, shape: tuple[int, ...], count: int) -> np.ndarray:
+        """The values as an array of `spec.dtype` and `shape`; InvalidInputError when they do not fit."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class RawData:
+    """Little-endian bytes in row-major order: gRPC raw contents, and HTTP binary tensor data (viewed, not copied)."""
+
+    data: bytes | bytearray | memoryview
+
+    def to_array(self, spec: TensorSpec, shape: tuple[int, ...], count: int) -> np.ndarray:
+        dtype = spec.dtype
+        needed = count * dtype.itemsize
+        if len(self.data) != needed:
+            raise InvalidInputError(
+                f"raw contents of input '{spec.name}' have {len(self.data)} bytes, but shape {_shape(shape)} of "
+                f"{spec.datatype} needs {needed} bytes ({count} elements x {dtype.itemsize})"
+            )
+        return np.frombuffer(self.data, dtype=dtype).reshape(shape)
+
+
+@dataclass(frozen=True, slots=True)
+class InputTensor:
+    """One input of a request as the frontend received it."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    data: TensorData
+
+
+@dataclass(slots=True)
+class InferenceRequest:
+    """A request in protocol-neutral form. `deadline` is the caller's (monotonic clock), if any; a `timeout`
+    parameter may shorten it."""
+
+    model: str
+    version: str
+    inputs: Sequence[InputTensor]
+    outputs: Sequence[str] = ()
+    id: str = ""
+    parameters: Mapping[str, ParameterValue] = field(default_factory=dict)
+    deadline: float | None = None
+    timing: bool = False
+    """Whether the response should carry the `nnserve.*` timing parameters."""
+    invalid: str | None = None
+    """Why the frontend could not translate the request (e.g. raw contents that do not pair with the inputs): the
+    request is then refused as invalid after routing, so that its model's statistics count it like any other."""
+
+
+@dataclass(frozen=True, slots=True)
+class OutputTensor:
+    name: str
+    datatype: str
+    array: np.ndarray
+    """Little-endian, in row-major order (possibly a view into the batch's output)."""
+
+
+@dataclass(frozen=True, slots=True)
+class InferenceResult:
+    """What a frontend encodes into its response."""
+
+    model: str
+    version: str
+    id: str
+    outputs: tuple[OutputTensor, ...]
+
+
+class ResponseEncoder(Protocol, Generic[R]):
+    """How a frontend builds its response; `encode` is timed as the request's output stage."""
+
+    def encode(self, result: InferenceResult) -> R: ...
+
+    def add_timing(self, response: R, timing: RequestTiming, provider: str) -> None: ...
+
+
+class DataPlane:
+    """Readiness, metadata lookups, repository control and inference over one repository, for every frontend."""
+
+    def __init__(self, repository: ModelRepository, settings: ServerSettings) -> None:
+        self.repository = repository
+        self.settings = settings
+        self.limits = RequestLimits.from_settings(settings)
+        self.unrouted = UnroutedRequests()
+        """Requests that failed before reaching a served version (for the metrics)."""
+        self.draining = False
+        self._inflight = 0
+        self.accepted_total = 0
+        """Inference requests accepted since the start (past the drain check); logged at shutdown."""
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # -- lifecycle and readiness ---------------------------------------------------------------------------
+
+    @property
+    def inflight(self) -> int:
+        """Inference requests accepted and not yet answered."""
+        return self._inflight
+
+    def begin_drain(self) -> None:
+        """Refuse new inference requests (ServerUnavailableError); those already accepted carry on."""
+        self.draining = True
+
+    async def wait_idle(self, timeout: float | None) -> bool:
+        """Wait until no accepted request is left; False if `timeout` passed first."""
+        if self._inflight == 0:
+            return True
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def is_ready(self) -> bool:
+        """The server's readiness (ServerReady, health "", /v2/health/ready): see ModelRepository.all_ready."""
+        if self.draining or not self.repository.startup_complete:
+            return False
+        return self.repository.all_ready() if self.settings.strict_readiness else True
+
+    def model_ready(self, name: str, version: str = "") -> bool:
+        if self.draining:
+            return False
+        try:
+            self.repository.get(name, version)
+        except ServingError:
+            return False
+        return True
+
+    # -- lookups -----------------------------------------------------------------------------------------------
+
+    def lookup(self, name: str, version: str, rpc: str) -> ServedVersion:
+        """The served version for a metadata or config call; failures are counted under `rpc`."""
+        try:
+            return self.repository.get(name, version)
+        except ServingError as exc:
+            self.unrouted.record_lookup(*self._bounded_labels(name, version), rpc, failure_reason(exc))
+            raise
+
+    def entry(self, name: str) -> ModelEntry:
+        return self.repository.entry(name)
+
+    def statistics(self, name: str, version: str) -> list[ServedVersion]:
+        """The versions a statistics call asks for: every model's when `name` is empty."""
+        if name:
+            entries = [self.repository.entry(name)]
+        else:
+            entries = self.repository.entries()
+            if version:
+                raise InvalidInputError("a version was given without a model name")
+        served = [s for entry in entries for s in sorted(entry.served_versions, key=lambda s: s.version)]
+        if version:
+            served = [s for s in served if s.version_text == version]
+            if not served:
+                raise ModelNotFoundError(f"model '{clip(name)}' has no ready version {clip(version)!r}")
+        return served
+
+    # -- repository --------------------------------------------------------------------------------------------
+
+    def index(self, *, ready_only: bool) -> list[IndexRow]:
+        return self.repository.index(ready_only=ready_only)
+
+    async def load(self, name: str, parameters: Collection[str] = ()) -> None:
+        self._check_repository_control("load", parameters, allowed=())
+        await self.repository.load(name)
+
+    async def unload(self, name: str, parameters: Collection[str] = ()) -> None:
+        self._check_repository_control("unload", parameters, allowed=("unload_dependents",))
+        await self.repository.unload(name)
+
+    def _check_repository_control(self, action: str, parameters: Collection[str], allowed: tuple[str, ...]) -> None:
+        if self.settings.model_control != "explicit":
+            raise RepositoryControlError(
+                f"model {action} is disabled: the server runs with --model-control "
+                f"{self.settings.model_control}; start it with --model-control explicit to {action} models"
+            )
+        unsupported = sorted(key for key in parameters if key not in allowed)
+        if unsupported:
+            raise InvalidInputError(f"{action} parameters {[clip(k) for k in unsupported]} are not supported")
+
+    # -- inference -------------------------------------------------------------------------------------------
+
+    async def infer(self, request: InferenceRequest, encoder: ResponseEncoder[R], started: int) -> R:
+        """Run one request and encode its response; `started` is `time.perf_counter_ns()` at receipt.
+
+        Raises ServingError (draining included) for the frontend's status table; a QueueFullError carries
+        `retry_after_ms`.
+        """
+        if self.draining:
+            self.unrouted.record(*self._bounded_labels(request.model, request.version), "unavailable")
+            raise ServerUnavailableError(SHUTTING_DOWN)
+        self._inflight += 1
+        self.accepted_total += 1
+        self._idle.clear()
+        try:
+            return await self._infer(request, encoder, started)
+        finally:
+            self._inflight -= 1
+            if self._inflight == 0:
+                self._idle.set()
+
+    async def _infer(self, request: InferenceRequest, encoder: ResponseEncoder[R], started: int) -> R:
+        try:
+            served = self.repository.get(request.model, request.version)
+        except ServingError as exc:
+            self.unrouted.record(*self._bounded_labels(request.model, request.version), failure_reason(exc))
+            raise
+        stats = served.stats
+        signature = served.runner.signature
+        expires = request.deadline
+        try:
+            expires = self._deadline(request)
+            inputs, rows = decode_inputs(request, signature, self.limits)
+            names = requested_outputs(request.outputs, signature, self.limits)
+            decoded = time.perf_counter_ns()
+            try:
+                outcome = await served.executor.submit(inputs, deadline=expires)
+            except QueueFullError as exc:
+                exc.retry_after_ms = retry_after_ms(served)  # type: ignore[attr-defined]
+                raise
+            computed = time.perf_counter_ns()
+            result = InferenceResult(served.name, served.version_text, request.id,
+                                     select_outputs(outcome.outputs, names, signature))
+            response = encoder.encode(result)
+        except ServingError as exc:
+            stats.record_failure(failure_reason(exc), time.perf_counter_ns() - started)
+            raise
+        except asyncio.CancelledError:
+            # The frontend cancels the handler when the caller goes away or its deadline passes, often before the
+            # batcher's own timer fires.
+            expired = expires is not None and time.monotonic() >= expires
+            stats.record_failure("deadline" if expired else "cancelled", time.perf_counter_ns() - started)
+            raise
+        except Exception:
+            stats.record_failure("internal", time.perf_counter_ns() - started)
+            raise
+        done = time.perf_counter_ns()
+        timing = RequestTiming(
+            total_ns=done - started,
+            queue_ns=int(outcome.queue_seconds * 1e9),
+            input_ns=decoded - started,
+            infer_ns=int(outcome.compute_seconds * 1e9),
+            output_ns=done - computed,
+            batch_rows=outcome.batch_rows,
+            batch_requests=outcome.batch_requests,
+        )
+        stats.record_success(rows or 1, timing)
+        if request.timing:
+            encoder.add_timing(response, timing, served.runner.provider)
+        return response
+
+    def _deadline(self, request: InferenceRequest) -> float | None:
+        """The earlier of the caller's deadline and the request's `timeout` parameter (microseconds)."""
+        timeout = request.parameters.get(TIMEOUT_PARAMETER) if request.parameters else None
+        if timeout is None:
+            return request.deadline
+        if isinstance(timeout, bool) or not isinstance(timeout, int) or timeout < 0:
+            raise InvalidInputError(
+                f"parameter '{TIMEOUT_PARAMETER}' must be a non-negative integer number of microseconds, "
+                f"got {clip(str(timeout))!r}"
+            )
+        if timeout == 0:  # the v2 convention: 0 is no timeout
+            return request.deadline
+        own = time.monotonic() + timeout / 1e6
+        return own if request.deadline is None else min(own, request.deadline)
+
+    def _bounded_labels(self, model: str, version: str) -> tuple[str, str]:
+        try:
+            versions: Collection[int] | None = self.repository.entry(model).versions
+        except ServingError:
+            versions = None
+        return unrouted_labels(model, version, versions)
+
+
+# -- the request's tensors ---------------------------------------------------------------------------------------
+
+
+def decode_inputs(
+    request: InferenceRequest, signature: Signature, limits: RequestLimits
+) -> tuple[dict[str, np.ndarray], int]:
+    """Validated numpy arrays for a request's inputs, and the batch rows (0 when the model does not batch).
+
+    The order of the checks is the order of the messages a client sees: counts, names, what the frontend could
+    not translate, then each input's datatype, shape and data."""
+    model = signature.model
+    tensors = request.inputs
+    limits.check_counts(len(tensors), 0, 0)
+    if request.invalid is not None and not tensors:
+        raise InvalidInputError(request.invalid)
+    if len(tensors) != len(signature.inputs) or any(t.name not in signature.inputs_by_name for t in tensors):
+        explain_input_names(tensors, signature)
+    if request.invalid is not None:
+        raise InvalidInputError(request.invalid)
+    arrays: dict[str, np.ndarray] = {}
+    rows = -1
+    for tensor in tensors:
+        spec = signature.inputs_by_name[tensor.name]
+        if tensor.datatype != spec.datatype:
+            raise InvalidInputError(
+                f"input '{spec.name}' of model '{model}' has datatype {spec.datatype}, "
+                f"but the request says {clip(tensor.datatype) or '(empty)'}"
+            )
+        shape = tensor.shape
+        count = check_input_shape(spec, shape, signature, limits)
+        array = tensor.data.to_array(spec, shape, count)
+        if signature.max_batch_size:
+            if rows == -1:
+                rows = shape[0]
+            elif shape[0] != rows:
+                raise InvalidInputError(
+                    f"inputs disagree on the batch size: '{spec.name}' has {shape[0]} rows, others have {rows}; "
+                    "every input of a request must carry the same number of rows"
+                )
+        arrays[spec.name] = array
+    return arrays, max(rows, 0)
+
+
+def requested_outputs(names: Sequence[str], signature: Signature, limits: RequestLimits) -> tuple[str, ...]:
+    """Names of the outputs to return: the request's selection (validated), else all."""
+    if not names:
+        return signature.output_names
+    limits.check_counts(0, 0, len(names))
+    for name in names:
+        if name not in signature.outputs_by_name:
+            raise InvalidInputError(
+                f"unknown output {clip(name)!r} requested; model '{signature.model}' has outputs "
+                f"{list(signature.output_names)}"
+            )
+    if len(set(names)) != len(names):
+        raise InvalidInputError(f"output names requested more than once: {[clip(n) for n in names]}")
+    return tuple(names)
+
+
+def select_outputs(
+    outputs: Mapping[str, np.ndarray], names: Sequence[str], signature: Signature
+) -> tuple[OutputTensor, ...]:
+    """The selected outputs with their protocol datatypes, in little-endian byte order."""
+    specs = signature.outputs_by_name
+    selected = []
+    for name in names:
+        array = outputs[name]
+        if array.dtype.byteorder == ">":
+            array = array.astype(array.dtype.newbyteorder("<"))
+        selected.append(OutputTensor(name, specs[name].datatype, array))
+    return tuple(selected)
+
+
+def retry_after_ms(served: ServedVersion) -> int:
+    """How long the model's current queue takes to drain, estimated from its own statistics, in milliseconds.
+
+    Queue depth / requests per execution gives the executions still ahead; each takes the mean execution time
+    seen so far, spread over the model's instances. Clamped to [1, 5000] ms: a hint, not a promise.
+    """
+    stats = served.stats
+    batch_s = stats.compute_infer.ns / stats.compute_infer.count / 1e9 if stats.compute_infer.count else 0.001
+    per_execution = max(1.0, stats.success.count / stats.execution_count) if stats.execution_count else 1.0
+    executions = math.ceil(served.executor.queue_depth / per_execution)
+    estimate_ms = executions * batch_s * 1000 / max(1, served.batching.instances)
+    return int(min(MAX_RETRY_AFTER_MS, max(MIN_RETRY_AFTER_MS, math.ceil(estimate_ms))))
+
+
+def _shape(shape: Sequence[int]) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+__all__ = [
+    "DataPlane",
+    "InferenceRequest",
+    "InferenceResult",
+    "InputTensor",
+    "OutputTensor",
+    "RawData",
+    "ResponseEncoder",
+    "TensorData",
+    "failure_reason",
+]

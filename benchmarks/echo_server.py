@@ -13,17 +13,24 @@ decoding guard, with protobuf messages parsed and built per call, and no model p
 onnxruntime or statistics), so that nnserve minus `--typed` is what serving a model costs.
 
 Run as `python benchmarks/echo_server.py --port 8001 --model echo --width 4` (one process, Ctrl-C or SIGTERM stops).
+Every flavour also serves grpc.health.v1 ("" SERVING once it listens), and `--port 0 --port-file FILE` picks a free
+port and writes `{"pid": ..., "grpc": PORT}` there once bound, as `nnserve serve --port-file` does, so tests wait for
+it the way they wait for nnserve.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import os
 import signal
 import threading
 from concurrent import futures
+from pathlib import Path
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 _SERVICE = "inference.GRPCInferenceService"
 
@@ -146,7 +153,17 @@ def add_typed_echo(server: grpc.aio.Server, canned: dict[str, bytes]) -> None:
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, GuardedRegistrar(server))
 
 
-async def serve(host: str, port: int, model: str, width: int, typed: bool = False) -> None:
+def write_port_file(path: str | None, port: int) -> None:
+    """The bound port for whoever started this process (temp file + rename: never read half-written)."""
+    if path:
+        target = Path(path)
+        temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        temporary.write_text(json.dumps({"pid": os.getpid(), "grpc": port}))
+        os.replace(temporary, target)
+
+
+async def serve(host: str, port: int, model: str, width: int, typed: bool = False,
+                port_file: str | None = None) -> None:
     server = grpc.aio.server(
         options=[("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)]
     )
@@ -154,8 +171,12 @@ async def serve(host: str, port: int, model: str, width: int, typed: bool = Fals
         add_typed_echo(server, canned_replies(model, width))
     else:
         server.add_generic_rpc_handlers((EchoHandler(canned_replies(model, width)),))
-    server.add_insecure_port(f"{host}:{port}")
+    checks = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(checks, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
     await server.start()
+    await checks.set("", health_pb2.HealthCheckResponse.SERVING)
+    write_port_file(port_file, bound)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -164,15 +185,19 @@ async def serve(host: str, port: int, model: str, width: int, typed: bool = Fals
     await server.stop(1.0)
 
 
-def serve_threads(host: str, port: int, model: str, width: int, threads: int) -> None:
+def serve_threads(host: str, port: int, model: str, width: int, threads: int, port_file: str | None = None) -> None:
     """grpc's synchronous server: a thread pool runs the handlers, grpc's own thread polls the completion queue."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=threads),
         options=[("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)],
     )
     server.add_generic_rpc_handlers((EchoHandler(canned_replies(model, width), asynchronous=False),))
-    server.add_insecure_port(f"{host}:{port}")
+    checks = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(checks, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
     server.start()
+    checks.set("", health_pb2.HealthCheckResponse.SERVING)
+    write_port_file(port_file, bound)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -183,7 +208,8 @@ def serve_threads(host: str, port: int, model: str, width: int, threads: int) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--port", type=int, required=True, help="0 picks a free port (see --port-file)")
+    parser.add_argument("--port-file", default=None, help="write {pid, grpc} here as JSON once listening")
     parser.add_argument("--model", default="echo")
     parser.add_argument("--width", type=int, default=4)
     parser.add_argument("--threads", type=int, default=0, help="> 0: grpc's synchronous server with this many threads")
@@ -191,14 +217,14 @@ def main() -> None:
     parser.add_argument("--typed", action="store_true", help="nnserve's servicer registration and protobuf messages")
     args = parser.parse_args()
     if args.threads > 0:
-        serve_threads(args.host, args.port, args.model, args.width, args.threads)
+        serve_threads(args.host, args.port, args.model, args.width, args.threads, args.port_file)
         return
     if args.uvloop:
         import uvloop
 
-        uvloop.run(serve(args.host, args.port, args.model, args.width, typed=args.typed))
+        uvloop.run(serve(args.host, args.port, args.model, args.width, typed=args.typed, port_file=args.port_file))
         return
-    asyncio.run(serve(args.host, args.port, args.model, args.width, typed=args.typed))
+    asyncio.run(serve(args.host, args.port, args.model, args.width, typed=args.typed, port_file=args.port_file))
 
 
 if __name__ == "__main__":

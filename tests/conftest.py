@@ -356,9 +356,20 @@ def output_arrays(response: pb.ModelInferResponse) -> dict[str, np.ndarray]:
 
 @dataclass
 class ServeProcess:
+    """A server subprocess and what it reported about itself (its port file: `grpc`, `metrics`, `pid`, ...)."""
+
     process: subprocess.Popen[str]
-    port: int
+    ports: dict[str, Any]
     log_path: Path
+
+    @property
+    def port(self) -> int:
+        return int(self.ports["grpc"])
+
+    @property
+    def metrics_port(self) -> int | None:
+        port = self.ports.get("metrics")
+        return None if port is None else int(port)
 
     @property
     def address(self) -> str:
@@ -372,6 +383,8 @@ class ServeProcess:
 
 
 def free_port() -> int:
+    """A port free at this moment; only for checks that need no server on it. To start a server, pass port 0 and
+    read the port it reports (`start_server_process`); to have nothing listen, use `held_port`."""
     import socket
 
     with socket.socket() as sock:
@@ -392,37 +405,67 @@ def held_port() -> Iterator[int]:
         yield int(holder.getsockname()[1])
 
 
-def serve_command(repository: Path, port: int, *extra: str) -> list[str]:
+def serve_command(repository: Path, port_file: Path, *extra: str) -> list[str]:
+    """`nnserve serve` on free ports (0), reporting them in `port_file`; metrics off unless `extra` says otherwise."""
     return [sys.executable, "-m", "nnserve", "serve", "--model-repository", str(repository), "--host", "127.0.0.1",
-            "--grpc-port", str(port), "--metrics-port", "off", *extra]
+            "--grpc-port", "0", "--metrics-port", "off", "--port-file", str(port_file), *extra]
+
+
+def read_port_file(port_file: Path, process: subprocess.Popen[Any], log_path: Path,
+                   timeout: float = STARTUP_TIMEOUT_S) -> dict[str, Any]:
+    """The ports a starting server reports once it has bound them; fails at once if the process exits first.
+
+    The file appears by rename, so it is complete when it exists; only its appearance is polled, with a deadline.
+    """
+    deadline = time.monotonic() + timeout
+    while not port_file.exists():
+        if process.poll() is not None:
+            raise AssertionError(f"the server exited ({process.returncode}) before reporting its ports:\n"
+                                 f"{log_path.read_text(errors='replace')[-4000:]}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the server reported no ports within {timeout} s:\n"
+                                 f"{log_path.read_text(errors='replace')[-4000:]}")
+        time.sleep(0.01)
+    reported: dict[str, Any] = json.loads(port_file.read_text())
+    return reported
+
+
+@contextmanager
+def start_server_process(
+    command: Sequence[str], log_path: Path, port_file: Path, *, env: Mapping[str, str] | None = None,
+    wait: bool = True, health_service: str = "", cwd: Path | None = None,
+) -> Iterator[ServeProcess]:
+    """The one way tests start a server subprocess: run `command` (which must write `port_file`), learn its ports
+    from it, and (with `wait`) wait on its grpc.health.v1 service with a deadline; killed if a test leaves it
+    running."""
+    with log_path.open("w") as log_file:
+        process = subprocess.Popen(
+            list(command), stdout=log_file, stderr=subprocess.STDOUT, text=True, cwd=cwd,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        )
+    try:
+        running = ServeProcess(process, read_port_file(port_file, process, log_path), log_path)
+        if wait:
+            try:
+                wait_for_health(running.address, health_service)
+            except grpc.RpcError:
+                raise AssertionError(f"the server did not become healthy:\n{running.log()}") from None
+        yield running
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
 
 
 @contextmanager
 def serve_process(
     repository: Path, log_path: Path, *extra: str, env: Mapping[str, str] | None = None, wait: bool = True
 ) -> Iterator[ServeProcess]:
-    """Run `nnserve serve` (the real CLI) and wait on its health service; killed if a test leaves it running."""
-    port = free_port()
-    with log_path.open("w") as log_file:
-        process = subprocess.Popen(
-            serve_command(repository, port, *extra),
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-        )
-    running = ServeProcess(process, port, log_path)
-    try:
-        if wait:
-            try:
-                wait_for_health(running.address)
-            except grpc.RpcError:
-                raise AssertionError(f"nnserve serve did not become healthy:\n{running.log()}") from None
+    """Run `nnserve serve` (the real CLI) on free ports and wait on its health service."""
+    port_file = log_path.with_suffix(".ports.json")
+    with start_server_process(serve_command(repository, port_file, *extra), log_path, port_file, env=env,
+                              wait=wait) as running:
         yield running
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=10)
 
 
 def run_in_threads(fn: Callable[[], Any], count: int) -> list[Future[Any]]:

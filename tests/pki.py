@@ -17,7 +17,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.conftest import ServeProcess, free_port, serve_command
+from tests.conftest import ServeProcess, read_port_file, serve_command
 
 SERVER_NAME = "nnserve.example.internal"
 """A name the server certificate also holds, for checks of `tls_server_name` against a 127.0.0.1 address."""
@@ -79,7 +79,7 @@ def serve_tls(
 
     With `env`, the TLS settings come from NNSERVE_TLS_* variables instead of flags.
     """
-    port = free_port()
+    port_file = log_path.with_suffix(".ports.json")
     tls = {"--tls-cert": pki.server_cert, "--tls-key": pki.server_key}
     if mutual:
         tls["--tls-client-ca"] = pki.ca
@@ -92,11 +92,11 @@ def serve_tls(
             variables["NNSERVE_" + flag.removeprefix("--").replace("-", "_").upper()] = str(path)
     with log_path.open("wb") as sink:
         process = subprocess.Popen(
-            serve_command(repository, port, "--device", "cpu", *flags, *extra), stdout=sink, stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **variables},
+            serve_command(repository, port_file, "--device", "cpu", *flags, *extra), stdout=sink,
+            stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1", **variables},
         )
-    running = ServeProcess(process, port, log_path)  # type: ignore[arg-type]
     try:
+        running = ServeProcess(process, read_port_file(port_file, process, log_path), log_path)  # type: ignore[arg-type]
         with grpc.secure_channel(running.address, tls_credentials(pki, client=mutual)) as channel:
             watch = health_pb2_grpc.HealthStub(channel).Watch(
                 health_pb2.HealthCheckRequest(service=""), timeout=30, wait_for_ready=True

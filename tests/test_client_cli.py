@@ -17,7 +17,7 @@ import pytest
 
 from nnserve.builder import build, load_spec
 from nnserve.builder.reference import forward
-from tests.conftest import RunningServer, ServeProcess, free_port, serve_process
+from tests.conftest import RunningServer, ServeProcess, held_port, serve_process
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 SOFTMAX = "two_layer_softmax"
@@ -87,7 +87,8 @@ def test_infer_exit_codes_separate_server_errors_from_usage_errors(server: Runni
     wrong_shape = nnserve("infer", SOFTMAX, "--data", "[[1, 2, 3]]", url=server.address)
     assert wrong_shape.returncode == 1
     assert "INVALID_ARGUMENT" in wrong_shape.stderr
-    unreachable = nnserve("infer", SOFTMAX, "--data", "[[1, 2]]", "--timeout", "3", url=f"127.0.0.1:{free_port()}")
+    with held_port() as port:
+        unreachable = nnserve("infer", SOFTMAX, "--data", "[[1, 2]]", "--timeout", "3", url=f"127.0.0.1:{port}")
     assert unreachable.returncode == 1
     assert "UNAVAILABLE" in unreachable.stderr
     bad_json = nnserve("infer", SOFTMAX, "--data", "[[1, 2", url=server.address)
@@ -148,7 +149,8 @@ def test_models_json_has_one_entry_per_version_with_missing_fields_as_null(mixed
 
 
 def test_models_against_no_server_exits_1() -> None:
-    done = nnserve("models", "--timeout", "3", url=f"127.0.0.1:{free_port()}")
+    with held_port() as port:
+        done = nnserve("models", "--timeout", "3", url=f"127.0.0.1:{port}")
     assert done.returncode == 1
     assert "UNAVAILABLE" in done.stderr
 

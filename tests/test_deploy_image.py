@@ -20,7 +20,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -35,6 +34,7 @@ from nnserve.protos import grpc_service_pb2 as pb
 from nnserve.protos import grpc_service_pb2_grpc as pb_grpc
 from nnserve.server.cli import OPTIONS
 from nnserve.server.settings import ServerSettings
+from tests.conftest import read_port_file
 from tests.dockerfile import instructions, substitute
 
 REPO = Path(__file__).resolve().parents[1]
@@ -159,13 +159,6 @@ class Replay:
         assert word in known, f"the replay does not know {word}"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def wait_healthy(command: list[str], env: dict[str, str], within_s: float, process: subprocess.Popen[bytes]) -> str:
     """Run the HEALTHCHECK command until it succeeds (Docker's cadence is 10 s; this polls faster)."""
     deadline = time.monotonic() + within_s
@@ -204,9 +197,12 @@ def test_cpu_image_builds_and_serves_from_its_own_dockerfile(tmp_path: Path) -> 
     examples = sorted(json.loads(p.read_text())["name"] for p in (REPO / "examples").glob("*.json"))
     assert sorted(p.name for p in repository.iterdir() if not p.name.startswith(".")) == examples
 
-    # `docker run -p`: the ports move instead (this host's network is shared), and stay on loopback.
+    # `docker run -p`: the ports move instead (this host's network is shared) to free ones the server reports, and
+    # stay on loopback. The HEALTHCHECK command finds the server from the same variables, as in the container.
     env = replay.process_env()
-    env.update(NNSERVE_GRPC_PORT=str(free_port()), NNSERVE_METRICS_PORT=str(free_port()), NNSERVE_HOST="127.0.0.1")
+    port_file = tmp_path / "ports.json"
+    env.update(NNSERVE_GRPC_PORT="0", NNSERVE_METRICS_PORT="0", NNSERVE_HOST="127.0.0.1",
+               NNSERVE_PORT_FILE=str(port_file))
     argv = exec_form(DOCKERFILES["cpu"], "ENTRYPOINT") + exec_form(DOCKERFILES["cpu"], "CMD")
     executable = shutil.which(argv[0], path=env["PATH"])
     assert executable is not None
@@ -219,9 +215,10 @@ def test_cpu_image_builds_and_serves_from_its_own_dockerfile(tmp_path: Path) -> 
         process = subprocess.Popen([executable, *argv[1:]], env=env, cwd=replay.host(replay.workdir),
                                    stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
     try:
+        ports = read_port_file(port_file, process, log, timeout=90)
         health = wait_healthy(exec_form(DOCKERFILES["cpu"], "HEALTHCHECK"), env, 90, process)
-        assert "SERVING" in health
-        with grpc.insecure_channel(f"127.0.0.1:{env['NNSERVE_GRPC_PORT']}") as channel:
+        assert f"localhost:{ports['grpc']} service '': SERVING" in health
+        with grpc.insecure_channel(f"127.0.0.1:{ports['grpc']}") as channel:
             request = pb.ModelInferRequest(model_name="two_layer_softmax")
             request.inputs.add(name="input", datatype="FP32", shape=[1, 2])
             request.raw_input_contents.append(np.array([[1.5, -0.5]], dtype=np.float32).tobytes())

@@ -46,7 +46,7 @@ from nnserve.protos import grpc_service_pb2 as pb
 from nnserve.protos import grpc_service_pb2_grpc as pb_grpc
 from nnserve.server.cli import OPTIONS, settings_from
 from nnserve.server.model_config import load_model_config
-from tests.conftest import wait_until
+from tests.conftest import read_port_file, wait_until
 from tests.dockerfile import instructions, substitute
 
 Obj = dict[str, Any]
@@ -522,13 +522,6 @@ def dockerfile_uid(dockerfile: Path) -> int:
     return int(users[-1].split(":")[0])
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @dataclass
 class Pod:
     """The CPU Deployment's pod, run on this host: volumes in a temporary directory, ports on loopback."""
@@ -548,7 +541,9 @@ class Pod:
         (home / "bin").symlink_to(Path(sys.executable).parent)
         (home / "examples").symlink_to(REPO / "examples")
         image_env = dockerfile_runtime_env(dockerfile, {"NNSERVE_HOME": str(home)})
-        ports = {p["containerPort"]: free_port() for c in spec["containers"] for p in c.get("ports", [])}
+        # Every container port becomes 0 (a free one, picked by the server as it binds); the server reports what it
+        # bound in its port file (NNSERVE_PORT_FILE, added by `process`), and `learn_ports` maps the names back.
+        ports = {p["containerPort"]: 0 for c in spec["containers"] for p in c.get("ports", [])}
         pod = cls(spec, objects, root, image_env, ports)
         for volume in spec["volumes"]:
             directory = root / "volumes" / volume["name"]
@@ -567,7 +562,18 @@ class Pod:
         argv = [self.rewrite(expand(part, env), mounts) for part in each.get("command", []) + each.get("args", [])]
         # The image's ENV, then the container's; this host's paths (NNSERVE_HOME, PATH) are not rewritten.
         image_env = {k: v if k in self.host_paths else self.rewrite(v, mounts) for k, v in self.image_env.items()}
-        return argv, {**image_env, **{k: self.rewrite(v, mounts) for k, v in env.items()}}
+        return argv, {**image_env, **{k: self.rewrite(v, mounts) for k, v in env.items()},
+                      "NNSERVE_PORT_FILE": str(self.port_file)}
+
+    @property
+    def port_file(self) -> Path:
+        return self.root / "ports.json"
+
+    def learn_ports(self, reported: dict[str, Any], each: Obj) -> None:
+        """Map the container's named ports onto the ports the server reported binding."""
+        by_name = {"grpc": reported["grpc"], "http-metrics": reported["metrics"]}
+        for port in each["ports"]:
+            self.ports[port["containerPort"]] = int(by_name[port["name"]])
 
     def rewrite(self, text: str, mounts: dict[str, Path]) -> str:
         if mounts:  # one pass, so that a rewritten path is never rewritten again
@@ -707,6 +713,7 @@ def test_deployment_serves_and_drains_as_the_kubelet_runs_it(cpu_pod: Pod, tmp_p
     assert env["NNSERVE_INTRA_OP_THREADS"] == str(math.ceil(quantity(each["resources"]["limits"]["cpu"])))
     log = tmp_path / "nnserve.log"
     process = _start(argv, env, log)
+    pod.learn_ports(read_port_file(pod.port_file, process, log, timeout=60), each)
     grpc_address = f"127.0.0.1:{pod.port_of('grpc', each)}"
     stop = threading.Event()
     outcomes: list[Outcome] = []

@@ -27,14 +27,12 @@ from nnserve.server.metrics import (
     MULTIPROC_ENV,
     AggregatedMetricsServer,
     MultiprocessWriter,
-    serve_aggregated_metrics,
     serving_metrics,
 )
 from tests.conftest import (
     EXAMPLES,
     RunningServer,
     ServeProcess,
-    free_port,
     infer_request,
     serve_process,
     wait_for_health,
@@ -102,9 +100,15 @@ def test_two_workers_add_up_and_a_stopped_worker_keeps_its_counts(workers: tuple
     directory, (first, second) = workers
     infer(first, 3)
     infer(second, 5)
-    port = free_port()
-    assert serve_aggregated_metrics("127.0.0.1", port, str(directory)) is None  # the supervisor's contract
+    aggregated = AggregatedMetricsServer(str(directory))  # what serve_aggregated_metrics runs for the supervisor
+    port = aggregated.start("127.0.0.1", 0)
+    try:
+        _check_merged_then_one_stopped(port, first, second)
+    finally:
+        aggregated.stop()
 
+
+def _check_merged_then_one_stopped(port: int, first: ServeProcess, second: ServeProcess) -> None:
     wait_until(lambda: value(scrape(port), "nnserve_requests_total", f'{KEY},outcome="success"') == 8, 15,
                "both workers' requests in the merged metrics")
     text = scrape(port)
@@ -173,9 +177,10 @@ def test_workers_flag_serves_the_merged_metrics_of_every_worker(repository: Path
                            timeout=60).stdout
     if "--workers" not in usage or importlib.util.find_spec("nnserve.server.workers") is None:
         pytest.skip("this build of nnserve serve has no --workers supervisor")
-    metrics_port = free_port()
     with serve_process(repository, tmp_path / "serve.log", "--device", "cpu", "--workers", "2",
-                       "--metrics-port", str(metrics_port)) as supervisor:
+                       "--metrics-port", "0") as supervisor:
+        metrics_port = supervisor.metrics_port
+        assert metrics_port, supervisor.ports  # the supervisor reports the merged metrics' port
         for _ in range(4):
             infer(supervisor, 2)  # a new connection each time: the kernel spreads them over the workers
         wait_until(lambda: value(scrape(metrics_port), "nnserve_requests_total", f'{KEY},outcome="success"') == 8,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,13 +25,12 @@ from tests.conftest import (
     DENSE_W,
     dense_model,
     dense_reference,
-    free_port,
     infer_request,
     output_arrays,
     running_server,
     scale_model,
     serve_command,
-    wait_for_health,
+    start_server_process,
     wait_until,
     write_model,
 )
@@ -122,21 +120,15 @@ def test_unreadable_model_files_and_directories_are_reported_and_do_not_stop_the
     locked_model = write_model(repo, "locked_model", dense_model(DENSE_W, DENSE_B)).parent.parent
     for path in (locked, locked_dir, locked_model):
         path.chmod(0)
-    port = free_port()
-    log_path = tmp_path / "serve.log"
-    command = [*_without_dac_override(), *serve_command(repo, port, "--device", "cpu", "--strict-readiness", "false")]
+    log_path, port_file = tmp_path / "serve.log", tmp_path / "ports.json"
+    command = [*_without_dac_override(),
+               *serve_command(repo, port_file, "--device", "cpu", "--strict-readiness", "false")]
     try:
-        with log_path.open("w") as sink:
-            process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
-        try:
-            wait_for_health(f"127.0.0.1:{port}")
-            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-                stub = pb_grpc.GRPCInferenceServiceStub(channel)
-                assert_serves_dense(stub)
-                rows = index_rows(stub)
-        finally:
-            process.kill()
-            process.wait(10)
+        with start_server_process(command, log_path, port_file) as server, \
+                grpc.insecure_channel(server.address) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            assert_serves_dense(stub)
+            rows = index_rows(stub)
     finally:
         locked.chmod(0o644)
         locked_dir.chmod(0o755)

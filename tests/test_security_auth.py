@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,12 +29,11 @@ from tests.conftest import (
     RunningServer,
     dense_model,
     dense_reference,
-    free_port,
     infer_request,
     output_arrays,
     running_server,
     serve_command,
-    wait_for_health,
+    start_server_process,
     write_model,
 )
 
@@ -293,25 +290,21 @@ def test_tokens_never_reach_the_log_even_at_debug_level(tmp_path: Path) -> None:
     write_model(repo, "dense", dense_model(DENSE_W, DENSE_B))
     token_file = tmp_path / "tokens.txt"
     token_file.write_text(TOKENS)
-    port = free_port()
-    command = serve_command(repo, port, "--device", "cpu", "--auth-token-file", str(token_file))
+    port_file = tmp_path / "ports.json"
+    command = serve_command(repo, port_file, "--device", "cpu", "--auth-token-file", str(token_file))
     command[command.index("serve"):command.index("serve")] = ["--log-level", "DEBUG"]
     log_path = tmp_path / "serve.log"
     presented = [INFER_TOKEN, META_TOKEN, "wrong-token-abcdefghijklmnop", f"{ADMIN_TOKEN}-suffix"]
-    with log_path.open("w") as sink:
-        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
-    try:
-        wait_for_health(f"127.0.0.1:{port}")
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+    with start_server_process(command, log_path, port_file) as server:
+        with grpc.insecure_channel(server.address) as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
             response = stub.ModelInfer(infer_request("dense", {"input": X}), timeout=10, metadata=bearer(INFER_TOKEN))
             np.testing.assert_allclose(output_arrays(response)["output"], dense_reference(X), atol=1e-6)
             for token in presented:
                 code_of(stub.RepositoryModelLoad, pb.RepositoryModelLoadRequest(model_name="dense"), bearer(token))
                 code_of(stub.ModelInfer, infer_request("dense", {"input": X}), bearer(token))
-    finally:
-        process.terminate()
-        process.wait(30)
+        server.terminate()
+        server.process.wait(30)
     log = log_path.read_text()
     assert "refused /inference.GRPCInferenceService/RepositoryModelLoad" in log, log[-2000:]  # DEBUG was on
     assert "token dashboards lacks scope repository" in log  # tokens are named by their name, never shown
@@ -319,4 +312,3 @@ def test_tokens_never_reach_the_log_even_at_debug_level(tmp_path: Path) -> None:
     for token in (*presented, REPO_TOKEN, ADMIN_TOKEN):
         assert token not in log
     assert "0123456789abcdef" not in log
-    assert sys.executable  # the subprocess ran the same interpreter

@@ -26,7 +26,6 @@ from tests.conftest import (
     DENSE_B,
     DENSE_W,
     dense_model,
-    free_port,
     gather_model,
     infer_request,
     serve_process,
@@ -45,8 +44,15 @@ def _process_tree(pid: int) -> set[int]:
     frontier = [pid]
     while frontier:
         parent = frontier.pop()
-        for task in Path(f"/proc/{parent}/task").iterdir():
-            children = (task / "children").read_text().split()
+        try:
+            tasks = list(Path(f"/proc/{parent}/task").iterdir())
+        except FileNotFoundError:  # the process has exited meanwhile
+            continue
+        for task in tasks:
+            try:
+                children = (task / "children").read_text().split()
+            except FileNotFoundError:  # the thread has exited between listing and reading (seen in a run)
+                continue
             for child in map(int, children):
                 if child not in found:
                     found.add(child)
@@ -57,7 +63,11 @@ def _process_tree(pid: int) -> set[int]:
 def _socket_inodes(pids: set[int]) -> set[str]:
     inodes = set()
     for pid in pids:
-        for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            descriptors = list(Path(f"/proc/{pid}/fd").iterdir())
+        except FileNotFoundError:  # the process has exited meanwhile
+            continue
+        for fd in descriptors:
             try:
                 target = os.readlink(fd)
             except OSError:
@@ -97,9 +107,9 @@ def listening(pids: set[int]) -> set[tuple[str, str, int]]:
 @pytest.mark.parametrize("workers", [1, 2])
 def test_the_server_listens_only_on_the_configured_grpc_and_metrics_addresses(tmp_path: Path, workers: int) -> None:
     write_model(tmp_path / "repo", "dense", dense_model(DENSE_W, DENSE_B))
-    metrics_port = free_port()
     with serve_process(tmp_path / "repo", tmp_path / "serve.log", "--device", "cpu", "--workers", str(workers),
-                       "--metrics-port", str(metrics_port), "--metrics-host", "127.0.0.2") as server:
+                       "--metrics-port", "0", "--metrics-host", "127.0.0.2") as server:
+        metrics_port = server.metrics_port
         body = urllib.request.urlopen(f"http://127.0.0.2:{metrics_port}/metrics", timeout=10).read()
         assert b"nnserve_" in body
         expected = {("tcp", "127.0.0.1", server.port), ("tcp", "127.0.0.2", metrics_port)}

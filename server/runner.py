@@ -31,9 +31,10 @@ log = logging.getLogger(__name__)
 MODEL_FILENAME = "model.onnx"
 PLATFORM = "onnxruntime_onnx"
 _ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*\w+\s*:\s*")
-_ABSOLUTE_DIRS = re.compile(r"(?<![^\s'\"(\[=])(?:/[^\s/:'\"]+)+/(?=[^\s/:'\"])")
-"""The folders of an absolute path that starts a word: `/srv/models/a/1/model.onnx` -> `model.onnx`. Only whole
-paths: a relative path (`repo/a/1/model.onnx`) keeps every separator."""
+_ABSOLUTE_DIRS = re.compile(r"(?<![^\s'\"(\[=:])(?:/[^\s/:'\"]+)+/(?=[^\s/:'\"])")
+"""The folders of an absolute path that starts a word (or follows a colon, as in onnxruntime's
+`failed:/onnxruntime_src/...`): `/srv/models/a/1/model.onnx` -> `model.onnx`. Only whole paths: a relative path
+(`repo/a/1/model.onnx`) keeps every separator."""
 
 
 @dataclass(frozen=True)

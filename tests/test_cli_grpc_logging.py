@@ -10,12 +10,11 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import DENSE_B, DENSE_W, STARTUP_TIMEOUT_S, dense_model, running_server, write_model
+from tests.conftest import DENSE_B, DENSE_W, dense_model, read_port_file, running_server, write_model
 from tests.pki import Pki, make_pki
 
 pytestmark = pytest.mark.timeout(180)
@@ -51,12 +50,7 @@ def _tls_server_log_after_a_plaintext_call(repository: Path, pki: Pki, tmp_path:
             stdout=sink, stderr=subprocess.STDOUT, text=True, env=_environment(),
         )
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while not port_file.exists():  # the port is bound (and listening) once the file appears
-            assert process.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.01)
-        port = json.loads(port_file.read_text())["grpc"]
+        port = read_port_file(port_file, process, log)["grpc"]  # bound and listening once the file appears
         plain = _nnserve("infer", "dense", "--data", "[[1, 2, 3]]", "--url", f"127.0.0.1:{port}", "--timeout", "10")
         assert plain.returncode == 1, plain.stderr
         assert not GRPC_CORE_LINE.search(plain.stderr), plain.stderr

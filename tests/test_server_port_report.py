@@ -11,10 +11,8 @@ import re
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -24,8 +22,8 @@ from nnserve.server.settings import ServerSettings
 from tests.conftest import (
     DENSE_B,
     DENSE_W,
-    STARTUP_TIMEOUT_S,
     dense_model,
+    read_port_file,
     running_server,
     wait_for_health,
     write_model,
@@ -37,19 +35,6 @@ pytestmark = pytest.mark.timeout(120)
 def _repository(root: Path) -> Path:
     write_model(root, "dense", dense_model(DENSE_W, DENSE_B))
     return root
-
-
-def _wait_for_port_file(path: Path, process: subprocess.Popen[str], log: Path) -> dict[str, Any]:
-    """The report, once the file appears (it appears complete, by rename); fails if the server exits first."""
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while not path.exists():
-        if process.poll() is not None:
-            raise AssertionError(f"exited with {process.returncode} before writing {path}:\n{log.read_text()}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no {path} within {STARTUP_TIMEOUT_S} s:\n{log.read_text()}")
-        time.sleep(0.01)
-    report: dict[str, Any] = json.loads(path.read_text())
-    return report
 
 
 def _serve(repository: Path, tmp_path: Path, *extra: str) -> tuple[subprocess.Popen[str], Path, Path]:
@@ -84,7 +69,7 @@ def test_in_process_server_reports_its_ports_while_it_serves_and_removes_the_fil
 def test_serve_on_port_0_writes_the_bound_ports_before_loading_and_logs_them(tmp_path: Path) -> None:
     process, port_file, log = _serve(_repository(tmp_path / "repo"), tmp_path)
     try:
-        report = _wait_for_port_file(port_file, process, log)
+        report = read_port_file(port_file, process, log)
         assert set(report) == {"pid", "host", "grpc", "metrics"}
         assert report["pid"] == process.pid
         assert report["host"] == "127.0.0.1"
@@ -110,7 +95,7 @@ def test_serve_on_port_0_writes_the_bound_ports_before_loading_and_logs_them(tmp
 def test_workers_supervisor_reports_its_pid_the_shared_port_and_the_merged_metrics_port(tmp_path: Path) -> None:
     process, port_file, log = _serve(_repository(tmp_path / "repo"), tmp_path, "--workers", "2")
     try:
-        report = _wait_for_port_file(port_file, process, log)
+        report = read_port_file(port_file, process, log)
         assert report["pid"] == process.pid  # the supervisor, not a worker
         wait_for_health(f"127.0.0.1:{report['grpc']}")
         assert "nnserve_workers" in _scrape(report["metrics"])

@@ -8,10 +8,9 @@ import asyncio
 import json
 import os
 import re
-import signal
-import subprocess
 import sys
 import urllib.request
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
@@ -22,10 +21,10 @@ from nnserve.server.settings import ServerSettings
 from tests.conftest import (
     DENSE_B,
     DENSE_W,
+    ServeProcess,
     dense_model,
-    read_port_file,
     running_server,
-    wait_for_health,
+    start_server_process,
     write_model,
 )
 
@@ -37,16 +36,13 @@ def _repository(root: Path) -> Path:
     return root
 
 
-def _serve(repository: Path, tmp_path: Path, *extra: str) -> tuple[subprocess.Popen[str], Path, Path]:
+def _serve(repository: Path, tmp_path: Path, *extra: str) -> AbstractContextManager[ServeProcess]:
+    """`nnserve serve` on ports 0 with its report in a folder of its own (so that leftovers would show)."""
     port_file, log = tmp_path / "run" / "ports.json", tmp_path / "serve.log"
     port_file.parent.mkdir()
-    with log.open("w") as sink:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "nnserve", "serve", "--model-repository", str(repository), "--host", "127.0.0.1",
-             "--grpc-port", "0", "--metrics-port", "0", "--port-file", str(port_file), "--device", "cpu", *extra],
-            stdout=sink, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-    return process, port_file, log
+    command = [sys.executable, "-m", "nnserve", "serve", "--model-repository", str(repository), "--host", "127.0.0.1",
+               "--grpc-port", "0", "--metrics-port", "0", "--port-file", str(port_file), "--device", "cpu", *extra]
+    return start_server_process(command, log, port_file)
 
 
 def _scrape(port: int) -> str:
@@ -67,24 +63,19 @@ def test_in_process_server_reports_its_ports_while_it_serves_and_removes_the_fil
 
 
 def test_serve_on_port_0_writes_the_bound_ports_before_loading_and_logs_them(tmp_path: Path) -> None:
-    process, port_file, log = _serve(_repository(tmp_path / "repo"), tmp_path)
-    try:
-        report = read_port_file(port_file, process, log)
+    with _serve(_repository(tmp_path / "repo"), tmp_path) as server:
+        report = server.ports
         assert set(report) == {"pid", "host", "grpc", "metrics"}
-        assert report["pid"] == process.pid
+        assert report["pid"] == server.process.pid
         assert report["host"] == "127.0.0.1"
         assert report["grpc"] > 0
         assert report["metrics"] > 0
         assert report["metrics"] != report["grpc"]
-        wait_for_health(f"127.0.0.1:{report['grpc']}")
         assert "nnserve_model_ready" in _scrape(report["metrics"])
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=60) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=10)
-    text = log.read_text()
+        server.terminate()
+        assert server.process.wait(timeout=60) == 0
+    port_file = tmp_path / "run" / "ports.json"
+    text = server.log()
     line = f"ports: grpc={report['grpc']} metrics={report['metrics']}"
     assert line in text, text
     assert text.index(line) < text.index("loaded model 'dense'"), "the ports must be reported before models load"
@@ -93,20 +84,14 @@ def test_serve_on_port_0_writes_the_bound_ports_before_loading_and_logs_them(tmp
 
 
 def test_workers_supervisor_reports_its_pid_the_shared_port_and_the_merged_metrics_port(tmp_path: Path) -> None:
-    process, port_file, log = _serve(_repository(tmp_path / "repo"), tmp_path, "--workers", "2")
-    try:
-        report = read_port_file(port_file, process, log)
-        assert report["pid"] == process.pid  # the supervisor, not a worker
-        wait_for_health(f"127.0.0.1:{report['grpc']}")
+    with _serve(_repository(tmp_path / "repo"), tmp_path, "--workers", "2") as server:
+        report = server.ports
+        assert report["pid"] == server.process.pid  # the supervisor, not a worker
         assert "nnserve_workers" in _scrape(report["metrics"])
-        assert json.loads(port_file.read_text()) == report  # no worker overwrote it
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=60) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=10)
-    text = log.read_text()
+        assert json.loads((tmp_path / "run" / "ports.json").read_text()) == report  # no worker overwrote it
+        server.terminate()
+        assert server.process.wait(timeout=60) == 0
+    text = server.log()
     workers = {int(pid) for pid in re.findall(r"\[worker \d+ pid (\d+)\]", text)}
     assert len(workers) == 2, text
     for pid in workers:  # the supervisor reaped its workers before it ended
@@ -114,7 +99,7 @@ def test_workers_supervisor_reports_its_pid_the_shared_port_and_the_merged_metri
             os.kill(pid, 0)
     assert text.count("ports: grpc=") == 1, text  # one line, the supervisor's
     assert f"ports: grpc={report['grpc']} metrics={report['metrics']}" in text
-    assert not port_file.exists()
+    assert not (tmp_path / "run" / "ports.json").exists()
 
 
 def test_port_file_comes_from_the_flag_or_NNSERVE_PORT_FILE() -> None:

@@ -64,7 +64,7 @@ class Serve:
         self._changed = threading.Condition()
         self.process = subprocess.Popen(
             [nnserve, "serve", "--model-repository", str(repository), "--host", "127.0.0.1",
-             "--grpc-port", str(self.port), "--metrics-port", "off", *extra],
+             "--grpc-port", str(self.port), "--http-port", "off", "--metrics-port", "off", *extra],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, bufsize=1,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )

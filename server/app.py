@@ -12,6 +12,8 @@ import contextlib
 import logging
 import os
 import signal
+import socket
+import ssl
 import sys
 import time
 
@@ -25,6 +27,7 @@ from nnserve.server.dataplane import DataPlane
 from nnserve.server.decode_guard import GuardedRegistrar
 from nnserve.server.errors import DeviceUnavailableError
 from nnserve.server.frontends.grpc_servicer import InferenceServicer
+from nnserve.server.frontends.rest import RestFrontend, listening_socket, server_ssl_context
 from nnserve.server.health import SERVICE_NAME as HEALTH_SERVICE
 from nnserve.server.health import HealthReporter
 from nnserve.server.metrics import MetricsServer, MultiprocessWriter, ServingState, multiprocess_dir
@@ -60,6 +63,7 @@ class InferenceServer:
         repository: ModelRepository,
         dataplane: DataPlane,
         health: HealthReporter,
+        http: tuple[RestFrontend, socket.socket, ssl.SSLContext | None] | None = None,
     ) -> None:
         self.settings = settings
         self.port = port
@@ -70,6 +74,9 @@ class InferenceServer:
         self.metrics_writer: MultiprocessWriter | None = None
         self.metrics_state = ServingState(repository, dataplane.unrouted, lambda: dataplane.inflight)
         self._grpc = grpc_server
+        self._http = http
+        self.http_port: int | None = int(http[1].getsockname()[1]) if http is not None else None
+        """The HTTP/REST port (the real one when 0 was asked for), None when HTTP is off."""
         self._stopping: asyncio.Task[None] | None = None
         self._port_file_written = False
 
@@ -82,6 +89,12 @@ class InferenceServer:
         await self._grpc.start()
         address = f"{self.settings.host}:{self.port}"
         log.info("nnserve %s listening on %s (gRPC: KServe v2 inference, health, reflection)", __version__, address)
+        if self._http is not None:
+            frontend, sock, context = self._http
+            await frontend.start(sock, context)
+            log.info("HTTP/REST (KServe v2 REST, Triton's HTTP extensions) on %s://%s:%d",
+                     "http" if context is None else "https", self.settings.http_host or self.settings.host,
+                     self.http_port)
         if self.settings.metrics_port is not None:
             metrics_host = self.settings.metrics_host or self.settings.host
             self.metrics = MetricsServer(self.metrics_state)
@@ -118,9 +131,10 @@ class InferenceServer:
         """
         if self.settings.reuse_port:
             return
-        log_ports(self.port, self.metrics_port)
+        log_ports(self.port, self.http_port, self.metrics_port)
         if self.settings.port_file is not None:
-            report = port_report(pid=os.getpid(), host=self.settings.host, grpc=self.port, metrics=self.metrics_port)
+            report = port_report(pid=os.getpid(), host=self.settings.host, grpc=self.port, http=self.http_port,
+                                 metrics=self.metrics_port)
             try:
                 write_port_file(self.settings.port_file, report)
             except OSError as exc:
@@ -149,6 +163,9 @@ class InferenceServer:
         if not idle and self.dataplane.inflight:
             log.warning("%d requests were still running when the grace period ended", self.dataplane.inflight)
         await self._grpc.stop(max(0.0, min(1.0, deadline - time.monotonic())))
+        if self._http is not None:
+            await self._http[0].stop()
+            self._http[1].close()
         await self.repository.close(timeout=max(0.0, deadline - time.monotonic()))
         if self.metrics_writer is not None:
             await self.metrics_writer.stop()
@@ -216,12 +233,32 @@ async def create_server(settings: ServerSettings) -> tuple[InferenceServer, int]
         else "TLS, client certificates required" if settings.tls_client_ca is not None else "TLS",
         "off" if tokens is None else f"on ({len(tokens)} tokens; grpc.health.v1 open to probes)",
     )
-    app = InferenceServer(settings, grpc_server, port, repository, dataplane, health)
+    http = _http_frontend(settings, dataplane, tokens) if settings.http_port is not None else None
+    app = InferenceServer(settings, grpc_server, port, repository, dataplane, health, http)
     await health.set_server(False)
     await health.set_alive()
     repository.add_listener(health.on_model_change)
     repository.add_listener(app._update_server_health)
     return app, port
+
+
+def _http_frontend(
+    settings: ServerSettings, dataplane: DataPlane, tokens: TokenTable | None
+) -> tuple[RestFrontend, socket.socket, ssl.SSLContext | None]:
+    """The REST frontend and its bound socket (bound here, like gRPC's port, so a taken port stops the start)."""
+    host = settings.http_host or settings.host
+    assert settings.http_port is not None
+    try:
+        sock = listening_socket(host, settings.http_port, reuse_port=settings.reuse_port)
+    except OSError as exc:
+        raise StartupError(f"cannot listen on {settings.http_address} (HTTP): {exc.strerror or exc} "
+                           "(is the port in use? --http-port off disables HTTP)") from None
+    context = None
+    if settings.tls_cert is not None and settings.tls_key is not None:
+        client_ca = str(settings.tls_client_ca) if settings.tls_client_ca is not None else None
+        context = server_ssl_context(str(settings.tls_cert), str(settings.tls_key), client_ca)
+    frontend = RestFrontend(dataplane, tokens=tokens, max_body_bytes=settings.max_message_bytes)
+    return frontend, sock, context
 
 
 async def serve(settings: ServerSettings) -> int:

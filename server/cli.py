@@ -109,10 +109,15 @@ OPTIONS: tuple[_Option, ...] = (
     _Option("host", "--host", str, "interface to listen on", "HOST"),
     _Option("grpc_port", "--grpc-port", _port, "gRPC port (inference, health, reflection); 0 picks a free one",
             "PORT"),
+    _Option("http_port", "--http-port", _optional_port,
+            "HTTP/REST port (KServe v2 REST, Triton's HTTP extensions); 'off' disables it, 0 picks a free one", "PORT"),
+    _Option("http_host", "--http-host", str, "interface the HTTP/REST port listens on", "HOST",
+            default_text="the same as --host"),
     _Option("metrics_port", "--metrics-port", _optional_port,
             "Prometheus /metrics port; 'off' disables it, 0 picks a free one", "PORT"),
     _Option("port_file", "--port-file", _path,
-            "once every port is bound (before the models load), write {\"pid\", \"host\", \"grpc\", \"metrics\"} "
+            "once every port is bound (before the models load), write {\"pid\", \"host\", \"grpc\", \"http\", "
+            "\"metrics\"} "
             "as JSON to FILE (atomically; removed at exit): how to learn the ports that 0 picked", "FILE"),
     _Option("metrics_host", "--metrics-host", str, "interface the /metrics port listens on", "HOST",
             default_text="the same as --host"),

@@ -19,14 +19,15 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
-def port_report(*, pid: int, host: str, grpc: int, metrics: int | None) -> dict[str, object]:
-    """The port file's content; an HTTP port will be one more key beside `grpc` and `metrics`."""
-    return {"pid": pid, "host": host, "grpc": grpc, "metrics": metrics}
+def port_report(*, pid: int, host: str, grpc: int, http: int | None, metrics: int | None) -> dict[str, object]:
+    """The port file's content (`http`, `metrics`: null when off)."""
+    return {"pid": pid, "host": host, "grpc": grpc, "http": http, "metrics": metrics}
 
 
-def log_ports(grpc: int, metrics: int | None) -> None:
-    """The documented start-up line `ports: grpc=8001 metrics=8002` (`metrics=off` when disabled)."""
-    log.info("ports: grpc=%d metrics=%s", grpc, "off" if metrics is None else metrics)
+def log_ports(grpc: int, http: int | None, metrics: int | None) -> None:
+    """The documented start-up line `ports: grpc=8001 http=8000 metrics=8002` (`off` for a disabled one)."""
+    log.info("ports: grpc=%d http=%s metrics=%s", grpc, "off" if http is None else http,
+             "off" if metrics is None else metrics)
 
 
 def write_port_file(path: Path, report: dict[str, object]) -> None:

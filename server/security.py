@@ -29,7 +29,7 @@ import hmac
 import logging
 import re
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -282,6 +282,48 @@ def install_log_filters() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Authorization, the same for every protocol: which RPC (a gRPC method name; HTTP routes name theirs) a token may call.
+
+
+@dataclass(frozen=True)
+class Denial:
+    """Why a call is refused: `unauthenticated` (no or a wrong token: gRPC UNAUTHENTICATED, HTTP 401), else the
+    token lacks the scope (PERMISSION_DENIED, 403)."""
+
+    unauthenticated: bool
+    message: str
+
+
+def authorize(tokens: TokenTable, method: str, values: Sequence[str | bytes], carrier: str) -> Denial | None:
+    """None when `method` may be called with these `authorization` values (of the metadata or the header, as
+    `carrier` says for the messages), else why not."""
+    scopes = accepted_scopes(method)
+    if scopes is None:
+        return None
+    rpc = method.rpartition("/")[2] or method
+    if not values:
+        log.debug("refused %s: no authorization %s", method, carrier)
+        return Denial(True, f"{rpc} needs a token: this server requires the {carrier} 'authorization: Bearer <token>'")
+    if len(values) > 1:
+        return Denial(True, f"send exactly one 'authorization' {carrier} entry")
+    value = values[0].decode("latin-1") if isinstance(values[0], bytes) else str(values[0])
+    bearer = _BEARER_RE.fullmatch(value)
+    if bearer is None:
+        log.debug("refused %s: authorization %s is not a bearer token", method, carrier)
+        return Denial(True, f"the 'authorization' {carrier} must be 'Bearer <token>'")
+    entry = tokens.match(bearer.group(1))
+    if entry is None:
+        log.debug("refused %s: unknown bearer token", method)
+        return Denial(True, "the bearer token is not valid on this server")
+    if not scopes & entry.scopes:
+        scope = required_scope(method)
+        log.debug("refused %s: token %s lacks scope %s", method, entry.name, scope)
+        return Denial(False, f"the token does not grant the '{scope}' scope that {rpc} needs "
+                             f"(it grants: {', '.join(sorted(entry.scopes))})")
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The gate: bearer-token scopes on every call (installed only when tokens are configured).
 
 
@@ -309,35 +351,12 @@ class TokenGate(grpc.aio.ServerInterceptor):
 
     def _authorize(self, method: str, metadata: Any) -> tuple[grpc.StatusCode, str] | None:
         """None when the call may proceed, else the status and message to refuse it with."""
-        scopes = accepted_scopes(method)
-        if scopes is None:
-            return None
-        rpc = method.rpartition("/")[2] or method
         values = [value for key, value in (metadata or ()) if key == "authorization"]
-        if not values:
-            log.debug("refused %s: no authorization metadata", method)
-            return grpc.StatusCode.UNAUTHENTICATED, (
-                f"{rpc} needs a token: this server requires the metadata 'authorization: Bearer <token>'"
-            )
-        if len(values) > 1:
-            return grpc.StatusCode.UNAUTHENTICATED, "send exactly one 'authorization' metadata entry"
-        value = values[0].decode("latin-1") if isinstance(values[0], bytes) else str(values[0])
-        bearer = _BEARER_RE.fullmatch(value)
-        if bearer is None:
-            log.debug("refused %s: authorization metadata is not a bearer token", method)
-            return grpc.StatusCode.UNAUTHENTICATED, "the 'authorization' metadata must be 'Bearer <token>'"
-        entry = self._tokens.match(bearer.group(1))
-        if entry is None:
-            log.debug("refused %s: unknown bearer token", method)
-            return grpc.StatusCode.UNAUTHENTICATED, "the bearer token is not valid on this server"
-        if not scopes & entry.scopes:
-            scope = required_scope(method)
-            log.debug("refused %s: token %s lacks scope %s", method, entry.name, scope)
-            return grpc.StatusCode.PERMISSION_DENIED, (
-                f"the token does not grant the '{scope}' scope that {rpc} needs "
-                f"(it grants: {', '.join(sorted(entry.scopes))})"
-            )
-        return None
+        denial = authorize(self._tokens, method, values, "metadata")
+        if denial is None:
+            return None
+        return (grpc.StatusCode.UNAUTHENTICATED if denial.unauthenticated else grpc.StatusCode.PERMISSION_DENIED,
+                denial.message)
 
     def _denial_handler(self, method: str, handler: Handler, code: grpc.StatusCode, message: str) -> Handler:
         key = (method, code, message)

@@ -37,6 +37,13 @@ class ServerSettings:
     grpc_port: int = 8001
     """gRPC port of the KServe v2 service, health and reflection (Triton's default); 0 picks a free port."""
 
+    http_port: int | None = 8000
+    """HTTP/REST port of the KServe v2 REST protocol and Triton's HTTP extensions (Triton's default); None disables
+    it, 0 picks a free port."""
+
+    http_host: str | None = None
+    """Interface the HTTP/REST listener binds; None: the same as `host`."""
+
     metrics_port: int | None = 8002
     """Prometheus `/metrics` HTTP port (Triton's default); None disables it, 0 picks a free port."""
 
@@ -49,8 +56,8 @@ class ServerSettings:
 
     port_file: Path | None = None
     """When set, where the server reports the ports it bound once they are all bound and before the models load:
-    JSON `{"pid": ..., "host": ..., "grpc": ..., "metrics": ...}` (`metrics` null when off), written atomically and
-    removed when the server stops; the way to learn the ports that `grpc_port` 0 and `metrics_port` 0 picked.
+    JSON `{"pid": ..., "host": ..., "grpc": ..., "http": ..., "metrics": ...}` (`http`, `metrics` null when off),
+    written atomically and removed when the server stops; the way to learn the ports that 0 picked.
     With workers > 1 the supervisor writes it."""
 
     device: Device = "auto"
@@ -147,6 +154,10 @@ class ServerSettings:
         _check_port("grpc_port", self.grpc_port)
         if self.metrics_port is not None:
             _check_port("metrics_port", self.metrics_port)
+        if self.http_port is not None:
+            _check_port("http_port", self.http_port)
+        if self.http_host is not None and not self.http_host:
+            raise ValueError("http_host must not be empty (leave it unset to use host)")
         if self.metrics_host is not None and not self.metrics_host:
             raise ValueError("metrics_host must not be empty (leave it unset to use host)")
         object.__setattr__(self, "metrics_buckets", validate_buckets(self.metrics_buckets))
@@ -190,6 +201,11 @@ class ServerSettings:
             raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key as well")
         if self.auth_token_file is not None and self.auth_tokens is not None:
             raise ValueError("set auth_token_file (--auth-token-file) or auth_tokens (NNSERVE_AUTH_TOKENS), not both")
+
+    @property
+    def http_address(self) -> str:
+        """Where the HTTP listener binds (its host: `http_host`, else `host`)."""
+        return f"{self.http_host or self.host}:{self.http_port}"
 
     @property
     def grpc_address(self) -> str:

@@ -64,9 +64,9 @@ def timing_requested(parameters: Mapping[str, Any]) -> bool:
     return bool(value)
 
 
-def write_timing(parameters: Any, timing: RequestTiming, provider: str) -> None:
-    """Set the timing response parameters (see the module docstring) on a response's parameter map."""
-    parts = {
+def timing_parameters(timing: RequestTiming, provider: str) -> dict[str, int | str]:
+    """The timing response parameters (see the module docstring) as plain values, keys with their prefix."""
+    parts: dict[str, int] = {
         "queue_us": timing.queue_ns // 1000,
         "compute_input_us": timing.input_ns // 1000,
         "compute_infer_us": timing.infer_ns // 1000,
@@ -76,9 +76,18 @@ def write_timing(parameters: Any, timing: RequestTiming, provider: str) -> None:
     parts["total_us"] = -(-timing.total_ns // 1000)  # rounded up, so that the parts never exceed it
     parts["batch_rows"] = timing.batch_rows
     parts["batch_requests"] = timing.batch_requests
-    for key, value in parts.items():
-        parameters[_PREFIX + key].int64_param = value
-    parameters[_PREFIX + "provider"].string_param = provider
+    values: dict[str, int | str] = {_PREFIX + key: value for key, value in parts.items()}
+    values[_PREFIX + "provider"] = provider
+    return values
+
+
+def write_timing(parameters: Any, timing: RequestTiming, provider: str) -> None:
+    """Set the timing response parameters on a protobuf response's parameter map."""
+    for key, value in timing_parameters(timing, provider).items():
+        if isinstance(value, str):
+            parameters[key].string_param = value
+        else:
+            parameters[key].int64_param = value
 
 
 def read_timing(parameters: Mapping[str, Any]) -> dict[str, int | str]:

@@ -75,11 +75,20 @@ def supervise(settings: ServerSettings) -> int:
     count = settings.workers
     reservation = reserve_port(settings.host, settings.grpc_port)
     port = int(reservation.getsockname()[1])
+    http_reservation = None
+    http_port = None
+    if settings.http_port is not None:  # the workers share the HTTP port too
+        try:
+            http_reservation = reserve_port(settings.http_host or settings.host, settings.http_port)
+        except SupervisorError:
+            reservation.close()
+            raise
+        http_port = int(http_reservation.getsockname()[1])
     threads = settings.intra_op_threads or cpu_quota.intra_op_threads(count)
     metrics_dir = tempfile.mkdtemp(prefix="nnserve-metrics-")
     worker_settings = dataclasses.replace(
-        settings, workers=1, reuse_port=True, grpc_port=port, metrics_port=None, intra_op_threads=threads,
-        port_file=None,
+        settings, workers=1, reuse_port=True, grpc_port=port, http_port=http_port, metrics_port=None,
+        intra_op_threads=threads, port_file=None,
     )
     wake_r, wake_w = socket.socketpair()
     wake_r.setblocking(False)
@@ -93,9 +102,9 @@ def supervise(settings: ServerSettings) -> int:
     port_file_written = False
     try:
         metrics_server, metrics_port = _serve_metrics(settings, metrics_dir)
-        log_ports(port, metrics_port)
+        log_ports(port, http_port, metrics_port)
         if settings.port_file is not None:
-            report = port_report(pid=os.getpid(), host=settings.host, grpc=port, metrics=metrics_port)
+            report = port_report(pid=os.getpid(), host=settings.host, grpc=port, http=http_port, metrics=metrics_port)
             try:
                 write_port_file(settings.port_file, report)
             except OSError as exc:
@@ -126,6 +135,8 @@ def supervise(settings: ServerSettings) -> int:
         wake_r.close()
         wake_w.close()
         reservation.close()
+        if http_reservation is not None:
+            http_reservation.close()
         if metrics_server is not None:
             metrics_server.stop()
         if port_file_written and settings.port_file is not None:

@@ -254,9 +254,8 @@ def running_server(repository: Path, *, health_service: str = "", **overrides: A
 
     Waits until `health_service` ("" is the whole server) is SERVING.
     """
-    settings = ServerSettings(
-        **{"model_repository": repository, "host": "127.0.0.1", "grpc_port": 0, "metrics_port": None, **overrides}
-    )
+    settings = ServerSettings(**{"model_repository": repository, "host": "127.0.0.1", "grpc_port": 0,
+                                 "http_port": None, "metrics_port": None, **overrides})
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="nnserve-test-server", daemon=True)
     thread.start()
@@ -372,6 +371,11 @@ class ServeProcess:
         return None if port is None else int(port)
 
     @property
+    def http_port(self) -> int | None:
+        port = self.ports.get("http")
+        return None if port is None else int(port)
+
+    @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
@@ -406,9 +410,10 @@ def held_port() -> Iterator[int]:
 
 
 def serve_command(repository: Path, port_file: Path, *extra: str) -> list[str]:
-    """`nnserve serve` on free ports (0), reporting them in `port_file`; metrics off unless `extra` says otherwise."""
+    """`nnserve serve` on free ports (0), reporting them in `port_file`; HTTP and metrics off unless `extra` says
+    otherwise (a later flag wins)."""
     return [sys.executable, "-m", "nnserve", "serve", "--model-repository", str(repository), "--host", "127.0.0.1",
-            "--grpc-port", "0", "--metrics-port", "off", "--port-file", str(port_file), *extra]
+            "--grpc-port", "0", "--http-port", "off", "--metrics-port", "off", "--port-file", str(port_file), *extra]
 
 
 def read_port_file(port_file: Path, process: subprocess.Popen[Any], log_path: Path,

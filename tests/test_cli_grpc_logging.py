@@ -45,7 +45,8 @@ def _tls_server_log_after_a_plaintext_call(repository: Path, pki: Pki, tmp_path:
     with log.open("w") as sink:
         process = subprocess.Popen(
             [sys.executable, "-m", "nnserve", *top_level, "serve", "--model-repository", str(repository),
-             "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "off", "--device", "cpu",
+             "--host", "127.0.0.1", "--grpc-port", "0", "--http-port", "off", "--metrics-port", "off",
+             "--device", "cpu",
              "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key), "--port-file", str(port_file)],
             stdout=sink, stderr=subprocess.STDOUT, text=True, env=_environment(),
         )

@@ -201,7 +201,7 @@ def test_cpu_image_builds_and_serves_from_its_own_dockerfile(tmp_path: Path) -> 
     # stay on loopback. The HEALTHCHECK command finds the server from the same variables, as in the container.
     env = replay.process_env()
     port_file = tmp_path / "ports.json"
-    env.update(NNSERVE_GRPC_PORT="0", NNSERVE_METRICS_PORT="0", NNSERVE_HOST="127.0.0.1",
+    env.update(NNSERVE_GRPC_PORT="0", NNSERVE_HTTP_PORT="0", NNSERVE_METRICS_PORT="0", NNSERVE_HOST="127.0.0.1",
                NNSERVE_PORT_FILE=str(port_file))
     argv = exec_form(DOCKERFILES["cpu"], "ENTRYPOINT") + exec_form(DOCKERFILES["cpu"], "CMD")
     executable = shutil.which(argv[0], path=env["PATH"])
@@ -245,9 +245,8 @@ def test_image_runs_nnserve_serve_unprivileged_on_the_documented_ports(flavour: 
     assert int(users[-1].split(":")[0]) >= 1000
     exposed = {int(p.split("/")[0]) for word, text in stage if word == "EXPOSE" for p in text.split()}
     env = image_env(dockerfile)
-    assert exposed == {int(env["NNSERVE_GRPC_PORT"]), int(env["NNSERVE_METRICS_PORT"])} == {
-        ServerSettings.grpc_port, ServerSettings.metrics_port
-    }
+    declared = {int(env[f"NNSERVE_{kind}_PORT"]) for kind in ("GRPC", "HTTP", "METRICS")}
+    assert exposed == declared == {ServerSettings.grpc_port, ServerSettings.http_port, ServerSettings.metrics_port}
     settings = {option.env for option in OPTIONS}
     for name in env:
         if name.startswith("NNSERVE_") and name != "NNSERVE_HOME":

@@ -285,7 +285,8 @@ def test_container_command_and_args_are_the_servers_real_flags(
     assert settings.device == device
     assert settings.model_repository == Path("/models")
     ports = {p["name"]: p["containerPort"] for p in serve["ports"]}
-    assert (settings.grpc_port, settings.metrics_port) == (ports["grpc"], ports["http-metrics"])
+    assert (settings.grpc_port, settings.http_port, settings.metrics_port) == (
+        ports["grpc"], ports["http"], ports["http-metrics"])
     known = {option.env for option in OPTIONS}
     for variable in serve["env"]:
         if variable["name"].startswith("NNSERVE_"):
@@ -369,10 +370,10 @@ def test_services_route_named_ports_to_the_pods(rendered: dict[str, list[Obj]]) 
         for port in each["spec"]["ports"]:
             assert port["targetPort"] in ports
             assert port["port"] == ports[port["targetPort"]]
-    assert [p["name"] for p in service["spec"]["ports"]] == ["grpc", "http-metrics"]
+    assert [p["name"] for p in service["spec"]["ports"]] == ["grpc", "http", "http-metrics"]
     assert service["spec"]["type"] == "ClusterIP"
     assert headless["spec"]["clusterIP"] == "None"
-    assert [p["name"] for p in headless["spec"]["ports"]] == ["grpc"]
+    assert [p["name"] for p in headless["spec"]["ports"]] == ["grpc", "http"]
 
 
 def test_autoscaler_and_disruption_budget_govern_the_deployment(rendered: dict[str, list[Obj]]) -> None:
@@ -571,7 +572,7 @@ class Pod:
 
     def learn_ports(self, reported: dict[str, Any], each: Obj) -> None:
         """Map the container's named ports onto the ports the server reported binding."""
-        by_name = {"grpc": reported["grpc"], "http-metrics": reported["metrics"]}
+        by_name = {"grpc": reported["grpc"], "http": reported["http"], "http-metrics": reported["metrics"]}
         for port in each["ports"]:
             self.ports[port["containerPort"]] = int(by_name[port["name"]])
 

@@ -270,12 +270,13 @@ def test_token_file_errors_name_the_line_and_never_echo_a_token(text: str, fragm
 
 def test_token_configuration_errors_stop_the_start_with_the_reason(tmp_path: Path) -> None:
     (tmp_path / "tokens.txt").write_text("valid-token-0123456789 infer,everything\n")
+    ports = {"grpc_port": 0, "http_port": None, "metrics_port": None}
     cases = [
-        (ServerSettings(tmp_path, grpc_port=0, metrics_port=None, auth_token_file=tmp_path / "tokens.txt"),
+        (ServerSettings(tmp_path, **ports, auth_token_file=tmp_path / "tokens.txt"),  # type: ignore[arg-type]
          "tokens.txt, line 1: unknown scope 'everything'"),
-        (ServerSettings(tmp_path, grpc_port=0, metrics_port=None, auth_token_file=tmp_path / "missing.txt"),
+        (ServerSettings(tmp_path, **ports, auth_token_file=tmp_path / "missing.txt"),  # type: ignore[arg-type]
          "missing.txt: cannot be read"),
-        (ServerSettings(tmp_path, grpc_port=0, metrics_port=None, auth_tokens="  ;  "), "defines no tokens"),
+        (ServerSettings(tmp_path, **ports, auth_tokens="  ;  "), "defines no tokens"),  # type: ignore[arg-type]
     ]
     for settings, fragment in cases:
         with pytest.raises(StartupError, match=fragment):

@@ -65,7 +65,7 @@ def test_mutual_tls_from_environment_accepts_only_clients_signed_by_the_client_c
 def test_unusable_tls_files_stop_the_start_naming_the_flag(pki: Pki, tmp_path: Path) -> None:
     garbage = tmp_path / "garbage.pem"
     garbage.write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
-    base = {"model_repository": tmp_path, "grpc_port": 0, "metrics_port": None, "host": "127.0.0.1"}
+    base = {"model_repository": tmp_path, "grpc_port": 0, "http_port": None, "metrics_port": None, "host": "127.0.0.1"}
     cases = [
         ({"tls_cert": pki.server_cert, "tls_key": pki.client_key},
          "--tls-cert .* / --tls-key .*: not a PEM certificate and its matching private key"),

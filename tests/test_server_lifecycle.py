@@ -158,7 +158,7 @@ def test_port_already_in_use_is_a_startup_error(tmp_path: Path) -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        settings = ServerSettings(tmp_path, host="127.0.0.1", grpc_port=port, metrics_port=None)
+        settings = ServerSettings(tmp_path, host="127.0.0.1", grpc_port=port, http_port=None, metrics_port=None)
         with pytest.raises(StartupError, match=f"cannot listen on 127.0.0.1:{port}"):
             asyncio.run(create_server(settings))
 
@@ -168,7 +168,7 @@ def test_metrics_port_already_in_use_is_a_startup_error(tmp_path: Path) -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        settings = ServerSettings(tmp_path, host="127.0.0.1", grpc_port=0, metrics_port=port)
+        settings = ServerSettings(tmp_path, host="127.0.0.1", grpc_port=0, http_port=None, metrics_port=port)
 
         async def start() -> None:
             app, _ = await create_server(settings)
@@ -182,7 +182,7 @@ def test_metrics_port_already_in_use_is_a_startup_error(tmp_path: Path) -> None:
 
 
 def test_missing_repository_is_a_startup_error(tmp_path: Path) -> None:
-    settings = ServerSettings(tmp_path / "nowhere", host="127.0.0.1", grpc_port=0, metrics_port=None)
+    settings = ServerSettings(tmp_path / "nowhere", host="127.0.0.1", grpc_port=0, http_port=None, metrics_port=None)
     with pytest.raises(StartupError, match="does not exist"):
         asyncio.run(create_server(settings))
 

@@ -41,7 +41,8 @@ def _serve(repository: Path, tmp_path: Path, *extra: str) -> AbstractContextMana
     port_file, log = tmp_path / "run" / "ports.json", tmp_path / "serve.log"
     port_file.parent.mkdir()
     command = [sys.executable, "-m", "nnserve", "serve", "--model-repository", str(repository), "--host", "127.0.0.1",
-               "--grpc-port", "0", "--metrics-port", "0", "--port-file", str(port_file), "--device", "cpu", *extra]
+               "--grpc-port", "0", "--http-port", "0", "--metrics-port", "0", "--port-file", str(port_file),
+               "--device", "cpu", *extra]
     return start_server_process(command, log, port_file)
 
 
@@ -56,8 +57,8 @@ def test_in_process_server_reports_its_ports_while_it_serves_and_removes_the_fil
     port_file = tmp_path / "ports.json"
     with running_server(_repository(tmp_path / "repo"), port_file=port_file) as server:
         report = json.loads(port_file.read_text())
-        assert report == {"pid": os.getpid(), "host": "127.0.0.1", "grpc": server.port, "metrics": None}
-        assert list(report) == ["pid", "host", "grpc", "metrics"]
+        assert report == {"pid": os.getpid(), "host": "127.0.0.1", "grpc": server.port, "http": None, "metrics": None}
+        assert list(report) == ["pid", "host", "grpc", "http", "metrics"]
         assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # the temporary file was renamed
     assert not port_file.exists()
 
@@ -65,18 +66,20 @@ def test_in_process_server_reports_its_ports_while_it_serves_and_removes_the_fil
 def test_serve_on_port_0_writes_the_bound_ports_before_loading_and_logs_them(tmp_path: Path) -> None:
     with _serve(_repository(tmp_path / "repo"), tmp_path) as server:
         report = server.ports
-        assert set(report) == {"pid", "host", "grpc", "metrics"}
+        assert set(report) == {"pid", "host", "grpc", "http", "metrics"}
         assert report["pid"] == server.process.pid
         assert report["host"] == "127.0.0.1"
         assert report["grpc"] > 0
         assert report["metrics"] > 0
-        assert report["metrics"] != report["grpc"]
+        assert len({report["grpc"], report["http"], report["metrics"]}) == 3
+        with urllib.request.urlopen(f"http://127.0.0.1:{report['http']}/v2/health/live", timeout=10) as live:
+            assert live.status == 200
         assert "nnserve_model_ready" in _scrape(report["metrics"])
         server.terminate()
         assert server.process.wait(timeout=60) == 0
     port_file = tmp_path / "run" / "ports.json"
     text = server.log()
-    line = f"ports: grpc={report['grpc']} metrics={report['metrics']}"
+    line = f"ports: grpc={report['grpc']} http={report['http']} metrics={report['metrics']}"
     assert line in text, text
     assert text.index(line) < text.index("loaded model 'dense'"), "the ports must be reported before models load"
     assert not port_file.exists(), "a cleanly stopped server removes its port file"
@@ -98,7 +101,7 @@ def test_workers_supervisor_reports_its_pid_the_shared_port_and_the_merged_metri
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
     assert text.count("ports: grpc=") == 1, text  # one line, the supervisor's
-    assert f"ports: grpc={report['grpc']} metrics={report['metrics']}" in text
+    assert f"ports: grpc={report['grpc']} http={report['http']} metrics={report['metrics']}" in text
     assert not (tmp_path / "run" / "ports.json").exists()
 
 
@@ -115,7 +118,8 @@ def test_port_file_comes_from_the_flag_or_NNSERVE_PORT_FILE() -> None:
 
 def test_an_unwritable_port_file_is_a_startup_error_naming_it(tmp_path: Path) -> None:
     missing = tmp_path / "no_such_folder" / "ports.json"
-    settings = ServerSettings(_repository(tmp_path / "repo"), host="127.0.0.1", grpc_port=0, metrics_port=None,
+    settings = ServerSettings(_repository(tmp_path / "repo"), host="127.0.0.1", grpc_port=0, http_port=None,
+                              metrics_port=None,
                               port_file=missing)
 
     async def start() -> None:

@@ -140,7 +140,7 @@ def test_port_held_by_another_listener_fails_the_supervisor_at_once(tmp_path: Pa
         port = holder.getsockname()[1]
         done = subprocess.run(
             [sys.executable, "-m", "nnserve", "serve", "--model-repository", str(repo), "--host", "127.0.0.1",
-             "--grpc-port", str(port), "--metrics-port", "off", "--workers", "2"],
+             "--grpc-port", str(port), "--http-port", "off", "--metrics-port", "off", "--workers", "2"],
             capture_output=True, text=True, timeout=60,
         )
     assert done.returncode == 1

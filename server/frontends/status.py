@@ -37,7 +37,10 @@ GRPC_STATUS: dict[type[ServingError], grpc.StatusCode] = {
     ExecutionError: grpc.StatusCode.INTERNAL,
 }
 
-HTTP_STATUS: dict[type[ServingError], HTTPStatus] = {
+CLIENT_CLOSED_REQUEST = 499
+"""What the client that went away would get, were it there (nginx's and Google's mapping of CANCELLED)."""
+
+HTTP_STATUS: dict[type[ServingError], int] = {
     ModelNotFoundError: HTTPStatus.NOT_FOUND,
     ModelNotReadyError: HTTPStatus.SERVICE_UNAVAILABLE,
     InvalidInputError: HTTPStatus.BAD_REQUEST,
@@ -45,9 +48,10 @@ HTTP_STATUS: dict[type[ServingError], HTTPStatus] = {
     # and proxies treat 429 + Retry-After as "back off and retry", while a 503 may take the replica out of rotation.
     QueueFullError: HTTPStatus.TOO_MANY_REQUESTS,
     DeadlineExpiredError: HTTPStatus.GATEWAY_TIMEOUT,
-    RequestCancelledError: HTTPStatus.REQUEST_TIMEOUT,
+    RequestCancelledError: CLIENT_CLOSED_REQUEST,
     ServerUnavailableError: HTTPStatus.SERVICE_UNAVAILABLE,
-    RepositoryControlError: HTTPStatus.FORBIDDEN,
+    # gRPC's FAILED_PRECONDITION: the request is fine, the server's state refuses it (as Triton answers: 400).
+    RepositoryControlError: HTTPStatus.BAD_REQUEST,
     ModelLoadError: HTTPStatus.BAD_REQUEST,
     ExecutionError: HTTPStatus.INTERNAL_SERVER_ERROR,
 }
@@ -61,7 +65,7 @@ def grpc_status(exc: ServingError) -> grpc.StatusCode:
     return grpc.StatusCode.UNKNOWN
 
 
-def http_status(exc: ServingError) -> HTTPStatus:
+def http_status(exc: ServingError) -> int:
     for cls in type(exc).__mro__:
         status = HTTP_STATUS.get(cls)  # type: ignore[call-overload]
         if status is not None:

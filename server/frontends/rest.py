@@ -68,10 +68,11 @@ class RestFrontend:
 
     async def start(self, sock: socket.socket, ssl_context: ssl.SSLContext | None) -> None:
         # handler_cancellation: a client that hangs up cancels its handler, so a queued request leaves the queue.
-        self._runner = web.AppRunner(self.app, access_log=None, handler_cancellation=True,
-                                     handle_signals=False)
+        # shutdown_timeout: the drain has already waited for every accepted request when the runner is cleaned up.
+        self._runner = web.AppRunner(self.app, access_log=None, handler_cancellation=True, handle_signals=False,
+                                     shutdown_timeout=1.0)
         await self._runner.setup()
-        await web.SockSite(self._runner, sock, ssl_context=ssl_context, shutdown_timeout=1.0).start()
+        await web.SockSite(self._runner, sock, ssl_context=ssl_context).start()
 
     async def stop(self) -> None:
         """Close the listener and the connections (after the drain: nothing accepted is still running)."""

@@ -326,7 +326,15 @@ def test_integer_inputs_are_checked_for_kind_and_range(port: int) -> None:
         assert fragment in reply.json()["error"]
 
 
-def test_unknown_model_is_404_and_an_unloaded_one_503(port: int) -> None:
+def test_a_malformed_body_is_refused_after_routing_and_counted_for_its_model(rest: RunningServer, port: int) -> None:
+    unknown = call(port, "POST", "/v2/models/nope/infer", b"{not json")
+    assert unknown.status == 404  # the model is what is wrong first
+    before = dict(rest.app.repository.get("dense").stats.failures).get("invalid", 0)
+    assert call(port, "POST", "/v2/models/dense/infer", b"{not json").status == 400
+    assert dict(rest.app.repository.get("dense").stats.failures).get("invalid", 0) == before + 1
+
+
+def test_unknown_model_is_404(port: int) -> None:
     x = np.ones((1, 3), np.float32)
     unknown = post_json(port, "/v2/models/nope/infer", {"inputs": [v2_input("input", x, "FP32")]})
     assert unknown.status == 404

@@ -25,10 +25,16 @@ from google.protobuf import json_format
 
 from nnserve import __version__
 from nnserve.protos import grpc_service_pb2 as pb
-from nnserve.server.dataplane import DataPlane
+from nnserve.server.dataplane import DataPlane, InferenceRequest
 from nnserve.server.errors import InvalidInputError, QueueFullError, ServingError
 from nnserve.server.frontends.grpc_servicer import EXTENSIONS, SERVER_NAME, build_model_config
-from nnserve.server.frontends.rest_codec import HEADER_LENGTH, RestEncoder, json_body, parse_infer_request
+from nnserve.server.frontends.rest_codec import (
+    HEADER_LENGTH,
+    OutputChoice,
+    RestEncoder,
+    json_body,
+    parse_infer_request,
+)
 from nnserve.server.frontends.status import http_status
 from nnserve.server.limits import MIN_RETRY_AFTER_MS, RETRY_AFTER_KEY, client_message
 from nnserve.server.model_view import PLATFORM
@@ -155,10 +161,12 @@ class RestFrontend:
     async def infer(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter_ns()
         body = await self._read_body(request)
-        neutral, choice = parse_infer_request(
-            body, request.headers.get(HEADER_LENGTH), request.match_info["model"],
-            request.match_info.get("version", ""), self.dataplane.limits, None,
-        )
+        model, version = request.match_info["model"], request.match_info.get("version", "")
+        try:
+            neutral, choice = parse_infer_request(body, request.headers.get(HEADER_LENGTH), model, version,
+                                                  self.dataplane.limits, None)
+        except InvalidInputError as exc:  # refused after routing: an unknown model is 404, and statistics count it
+            neutral, choice = InferenceRequest(model, version, (), invalid=str(exc)), OutputChoice({}, False)
         response = await self.dataplane.infer(neutral, RestEncoder(choice), started)
         payload, header_length = response.body()
         if header_length is None:

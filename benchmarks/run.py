@@ -130,7 +130,8 @@ def onnx_path(repo: Path, model: str) -> Path:
 def nnserve_server(name: str, repo: Path, *extra: str) -> Server:
     port = free_port()
     command = [sys.executable, "-m", "nnserve", "--log-level", "WARNING", "serve", "--model-repository", str(repo),
-               "--host", "127.0.0.1", "--grpc-port", str(port), "--http-port", "off", "--metrics-port", "off", "--device", "cpu", *extra]
+               "--host", "127.0.0.1", "--grpc-port", str(port), "--http-port", "off", "--metrics-port", "off",
+               "--device", "cpu", *extra]
     return Server(name, command, port, (SEED, BIG))
 
 

@@ -25,7 +25,7 @@ from nnserve.protos import grpc_service_pb2 as pb
 from nnserve.protos import grpc_service_pb2_grpc as pb_grpc
 from nnserve.server.dataplane import DataPlane
 from nnserve.server.decode_guard import GuardedRegistrar
-from nnserve.server.errors import DeviceUnavailableError
+from nnserve.server.errors import DeviceUnavailableError, InvalidInputError
 from nnserve.server.frontends.grpc_servicer import InferenceServicer
 from nnserve.server.frontends.rest import RestFrontend, listening_socket, server_ssl_context
 from nnserve.server.health import SERVICE_NAME as HEALTH_SERVICE
@@ -34,6 +34,7 @@ from nnserve.server.metrics import MetricsServer, MultiprocessWriter, ServingSta
 from nnserve.server.port_report import log_ports, port_report, remove_port_file, write_port_file
 from nnserve.server.providers import cuda_unavailable_reason
 from nnserve.server.repository import ModelEntry, ModelRepository, ModelState
+from nnserve.server.repository_layout import LayoutError
 from nnserve.server.security import (
     SecurityConfigError,
     TokenGate,
@@ -197,7 +198,11 @@ async def create_server(settings: ServerSettings) -> tuple[InferenceServer, int]
     except SecurityConfigError as exc:
         raise StartupError(str(exc)) from None
     install_log_filters()
-    repository = ModelRepository(settings)
+    try:
+        repository = ModelRepository(settings)
+    except (LayoutError, InvalidInputError) as exc:  # a single-model layout without a (valid) --model-name
+        raise StartupError(f"--model-repository {settings.model_repository}: {exc}") from None
+    log.info("model repository: %s", repository.layout.describe())
     dataplane = DataPlane(repository, settings)
     servicer = InferenceServicer(dataplane)
     health = HealthReporter()

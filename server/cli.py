@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from nnserve.server.errors import ServingError
+from nnserve.server.repository_layout import LAYOUT_KINDS
 from nnserve.server.settings import DEVICES, MODEL_CONTROLS, OPTIMIZATION_LEVELS, ServerSettings
 from nnserve.server.statistics import validate_buckets
 
@@ -106,6 +107,13 @@ class _Option:
 OPTIONS: tuple[_Option, ...] = (
     _Option("model_repository", "--model-repository", _path, "model repository: <dir>/<model>/<version>/model.onnx",
             "DIR"),
+    _Option("repository_layout", "--repository-layout", str,
+            "what --model-repository holds: repository (a folder per model), model-folder (one model: "
+            "<version>/model.onnx), model-file (one model: a single .onnx file), or auto",
+            choices=LAYOUT_KINDS),
+    _Option("model_name", "--model-name", str,
+            "served name of the model of a model-folder or model-file layout (KServe: the InferenceService's name)",
+            "NAME"),
     _Option("host", "--host", str, "interface to listen on", "HOST"),
     _Option("grpc_port", "--grpc-port", _port, "gRPC port (inference, health, reflection); 0 picks a free one",
             "PORT"),

@@ -127,12 +127,15 @@ class ModelConfig:
     dynamic_batching: DynamicBatchingConfig = field(default_factory=DynamicBatchingConfig)
 
 
-def load_model_config(model_dir: Path) -> ModelConfig:
-    """Read `<model_dir>/config.json`; defaults when the file does not exist."""
+def load_model_config(model_dir: Path, *, source_name: str | None = None, check_name: bool = True) -> ModelConfig:
+    """Read `<model_dir>/config.json`; defaults when the file does not exist.
+
+    `source_name` names the file in messages (default: the folder's name); `check_name` False accepts any `name` key
+    (a single-model layout serves the model under a name given to the server, not its folder's)."""
     path = model_dir / CONFIG_FILENAME
     if not path.exists():
         return ModelConfig()
-    source = f"{model_dir.name}/{CONFIG_FILENAME}"
+    source = f"{source_name or model_dir.name}/{CONFIG_FILENAME}"
     try:
         if path.stat().st_size > MAX_CONFIG_BYTES:
             raise ModelConfigError(source, [f"file is larger than {MAX_CONFIG_BYTES} bytes"])
@@ -142,7 +145,7 @@ def load_model_config(model_dir: Path) -> ModelConfig:
         raise ModelConfigError(source, [problem]) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ModelConfigError(source, [f"cannot be read: {exc}"]) from None
-    return parse_model_config(data, source=source, model_name=model_dir.name)
+    return parse_model_config(data, source=source, model_name=model_dir.name if check_name else None)
 
 
 def parse_model_config(data: Any, *, source: str = CONFIG_FILENAME, model_name: str | None = None) -> ModelConfig:

@@ -28,6 +28,7 @@ from nnserve.server.errors import (
 )
 from nnserve.server.executor import Executor, make_executor
 from nnserve.server.model_config import CONFIG_FILENAME, ModelConfig, ModelConfigError, load_model_config
+from nnserve.server.repository_layout import RepositoryLayout
 from nnserve.server.runner import MODEL_FILENAME, ModelRunner, RunnerOptions
 from nnserve.server.settings import ServerSettings
 from nnserve.server.statistics import StatisticsRecorder
@@ -148,9 +149,14 @@ class ModelRepository:
     """Scans, loads, serves and unloads the models of one repository directory."""
 
     def __init__(self, settings: ServerSettings) -> None:
+        """LayoutError (a ValueError) when the root does not hold the layout asked for, or a single model needs a
+        name (`--model-name`)."""
         self._settings = settings
         self.root = settings.model_repository
         self._root_resolved = self.root.resolve()
+        self.layout = RepositoryLayout.resolve(self.root, settings.repository_layout, settings.model_name)
+        if self.layout.single_name is not None:
+            validate_model_name(self.layout.single_name)
         self._models: dict[str, ModelEntry] = {}
         self._recorders: dict[tuple[str, int], StatisticsRecorder] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -295,6 +301,8 @@ class ModelRepository:
     # -- internals -------------------------------------------------------------------------------------------
 
     def _scan_names(self, *, warn: bool = True) -> list[str]:
+        if self.layout.single:
+            return self.layout.model_names([])
         try:
             children = sorted(p for p in self.root.iterdir() if p.is_dir())
         except OSError as exc:
@@ -312,8 +320,8 @@ class ModelRepository:
         return names
 
     def _model_dir(self, name: str) -> Path:
-        path = self.root / name
-        if not path.is_dir():
+        path = self.layout.model_dir(name)
+        if not self.layout.knows(name) or not path.is_dir():
             raise ModelNotFoundError(self._unknown_model_message(name))
         return path
 
@@ -328,17 +336,13 @@ class ModelRepository:
             return self._failed(name, None, f"{name}/{CONFIG_FILENAME} is a symlink that leads outside the model "
                                             "repository")
         try:
-            config = load_model_config(model_dir)
+            config = load_model_config(model_dir, source_name=name, check_name=not self.layout.single)
         except ModelConfigError as exc:
             return self._failed(name, None, str(exc))
         except OSError as exc:  # e.g. the model directory itself cannot be searched
             return self._failed(name, None, f"{name}/{CONFIG_FILENAME} cannot be read: {exc.strerror or exc}")
         try:
-            available = {
-                int(child.name): child
-                for child in model_dir.iterdir()
-                if child.is_dir() and _VERSION_RE.fullmatch(child.name)
-            }
+            available = self.layout.version_files(model_dir)
         except OSError as exc:
             return self._failed(name, config, f"cannot list {name}: {exc.strerror or exc}")
         if not available:
@@ -352,7 +356,7 @@ class ModelRepository:
         versions: dict[int, VersionStatus] = {}
         for version in selected:
             try:
-                served = await self._load_version(name, version, available[version] / MODEL_FILENAME, config)
+                served = await self._load_version(name, version, available[version], config)
             except ModelLoadError as exc:
                 log.error("model '%s' version %d is UNAVAILABLE: %s", name, version, exc)
                 versions[version] = VersionStatus(version, ModelState.UNAVAILABLE, str(exc))
@@ -365,11 +369,12 @@ class ModelRepository:
         return ModelEntry(name, {}, config, reason=reason)
 
     async def _load_version(self, name: str, version: int, path: Path, config: ModelConfig) -> ServedVersion:
+        shown = self.layout.shown(name, version)
         problem = _file_problem(path)
         if problem is not None:
-            raise ModelLoadError(f"{name}/{version}/{MODEL_FILENAME} {problem}")
+            raise ModelLoadError(f"{shown} {problem}")
         if not self._inside_root(path):
-            raise ModelLoadError(f"{name}/{version}/{MODEL_FILENAME} is a symlink that leads outside the repository")
+            raise ModelLoadError(f"{shown} is a symlink that leads outside the repository")
         options = self._runner_options(config)
         runner = await asyncio.to_thread(ModelRunner.load, name, version, path, options)
         batching = self._batching_settings(name, config, runner)

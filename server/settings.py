@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
 
+from nnserve.server.repository_layout import LAYOUT_KINDS
 from nnserve.server.statistics import DEFAULT_LATENCY_BUCKETS_S, validate_buckets
 
 Device = Literal["auto", "cuda", "cpu"]
@@ -29,7 +30,17 @@ class ServerSettings:
     """Everything `nnserve serve` needs to know; validated in `__post_init__`."""
 
     model_repository: Path
-    """Directory holding `<model>/<version>/model.onnx` (and optional `<model>/config.json`)."""
+    """Directory holding `<model>/<version>/model.onnx` (and optional `<model>/config.json`), or a single model in
+    one of the layouts of `repository_layout`."""
+
+    repository_layout: str = "auto"
+    """What `model_repository` holds (`nnserve.server.repository_layout`): `repository` (a folder per model),
+    `model-folder` (one model: `<version>/model.onnx`), `model-file` (one model: a single `.onnx` file, version 1),
+    or `auto` (told apart by what is there). KServe's storage initializer leaves any of the three at /mnt/models."""
+
+    model_name: str | None = None
+    """The served name of the model of a single-model layout (KServe passes the InferenceService's name); a
+    repository keeps its folders' names."""
 
     host: str = "0.0.0.0"
     """Interface the gRPC (and metrics) listeners bind; `127.0.0.1` keeps them local."""
@@ -149,6 +160,7 @@ class ServerSettings:
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_repository", Path(self.model_repository))
         _check_choice("device", self.device, DEVICES)
+        _check_choice("repository_layout", self.repository_layout, LAYOUT_KINDS)
         _check_choice("model_control", self.model_control, MODEL_CONTROLS)
         _check_choice("graph_optimization_level", self.graph_optimization_level, OPTIMIZATION_LEVELS)
         _check_port("grpc_port", self.grpc_port)

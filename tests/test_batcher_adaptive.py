@@ -349,7 +349,7 @@ def test_adaptive_batcher_gathers_bursts_for_a_model_with_a_large_per_batch_cost
     rounds = run_batcher(costly, scenario, max_queue_delay_us=int(budget_s * 1_000_000))
     assert rounds == [[4, 4, 4, 4]] * 3, "the burst was not gathered into one execution"
     # Each window is about two gaps (4 ms), not the whole budget, on the precise timer.
-    assert all(window.precise and 0 < window.due - window.armed_at < budget_s / 4 for window in windows), windows
+    assert all(window.precise and window.due - window.armed_at < budget_s / 4 for window in windows), windows
 
 
 def test_adaptive_batcher_runs_a_lone_client_at_once_even_with_a_large_budget(windows: list[Window]) -> None:

@@ -12,8 +12,6 @@ import contextlib
 import logging
 import os
 import signal
-import socket
-import ssl
 import sys
 import time
 
@@ -27,7 +25,8 @@ from nnserve.server.dataplane import DataPlane
 from nnserve.server.decode_guard import GuardedRegistrar
 from nnserve.server.errors import DeviceUnavailableError, InvalidInputError
 from nnserve.server.frontends.grpc_servicer import InferenceServicer
-from nnserve.server.frontends.rest import RestFrontend, listening_socket, server_ssl_context
+from nnserve.server.frontends.rest import RestFrontend
+from nnserve.server.frontends.rest_http import HttpServer, listening_socket, server_ssl_context
 from nnserve.server.health import SERVICE_NAME as HEALTH_SERVICE
 from nnserve.server.health import HealthReporter
 from nnserve.server.metrics import MetricsServer, MultiprocessWriter, ServingState, multiprocess_dir
@@ -64,7 +63,7 @@ class InferenceServer:
         repository: ModelRepository,
         dataplane: DataPlane,
         health: HealthReporter,
-        http: tuple[RestFrontend, socket.socket, ssl.SSLContext | None] | None = None,
+        http: HttpServer | None = None,
     ) -> None:
         self.settings = settings
         self.port = port
@@ -76,7 +75,7 @@ class InferenceServer:
         self.metrics_state = ServingState(repository, dataplane.unrouted, lambda: dataplane.inflight)
         self._grpc = grpc_server
         self._http = http
-        self.http_port: int | None = int(http[1].getsockname()[1]) if http is not None else None
+        self.http_port: int | None = http.port if http is not None else None
         """The HTTP/REST port (the real one when 0 was asked for), None when HTTP is off."""
         self._stopping: asyncio.Task[None] | None = None
         self._port_file_written = False
@@ -91,11 +90,10 @@ class InferenceServer:
         address = f"{self.settings.host}:{self.port}"
         log.info("nnserve %s listening on %s (gRPC: KServe v2 inference, health, reflection)", __version__, address)
         if self._http is not None:
-            frontend, sock, context = self._http
-            await frontend.start(sock, context)
+            await self._http.start()
             log.info("HTTP/REST (KServe v2 REST, Triton's HTTP extensions) on %s://%s:%d",
-                     "http" if context is None else "https", self.settings.http_host or self.settings.host,
-                     self.http_port)
+                     "http" if self.settings.tls_cert is None else "https",
+                     self.settings.http_host or self.settings.host, self.http_port)
         if self.settings.metrics_port is not None:
             metrics_host = self.settings.metrics_host or self.settings.host
             self.metrics = MetricsServer(self.metrics_state)
@@ -165,8 +163,7 @@ class InferenceServer:
             log.warning("%d requests were still running when the grace period ended", self.dataplane.inflight)
         await self._grpc.stop(max(0.0, min(1.0, deadline - time.monotonic())))
         if self._http is not None:
-            await self._http[0].stop()
-            self._http[1].close()
+            await self._http.stop()
         await self.repository.close(timeout=max(0.0, deadline - time.monotonic()))
         if self.metrics_writer is not None:
             await self.metrics_writer.stop()
@@ -247,10 +244,8 @@ async def create_server(settings: ServerSettings) -> tuple[InferenceServer, int]
     return app, port
 
 
-def _http_frontend(
-    settings: ServerSettings, dataplane: DataPlane, tokens: TokenTable | None
-) -> tuple[RestFrontend, socket.socket, ssl.SSLContext | None]:
-    """The REST frontend and its bound socket (bound here, like gRPC's port, so a taken port stops the start)."""
+def _http_frontend(settings: ServerSettings, dataplane: DataPlane, tokens: TokenTable | None) -> HttpServer:
+    """The REST frontend on its bound socket (bound here, like gRPC's port, so a taken port stops the start)."""
     host = settings.http_host or settings.host
     assert settings.http_port is not None
     try:
@@ -263,7 +258,7 @@ def _http_frontend(
         client_ca = str(settings.tls_client_ca) if settings.tls_client_ca is not None else None
         context = server_ssl_context(str(settings.tls_cert), str(settings.tls_key), client_ca)
     frontend = RestFrontend(dataplane, tokens=tokens, max_body_bytes=settings.max_message_bytes)
-    return frontend, sock, context
+    return HttpServer(frontend, sock, context)
 
 
 async def serve(settings: ServerSettings) -> int:

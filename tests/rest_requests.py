@@ -14,10 +14,23 @@ from typing import Any
 import numpy as np
 
 
+class Headers(dict[str, str]):
+    """Response headers by case-insensitive name, as HTTP defines them."""
+
+    def __getitem__(self, name: str) -> str:
+        return super().__getitem__(name.lower())
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and super().__contains__(name.lower())
+
+    def get(self, name: str, default: str | None = None) -> str | None:  # type: ignore[override]
+        return super().get(name.lower(), default)
+
+
 @dataclass(frozen=True)
 class Reply:
     status: int
-    headers: dict[str, str]
+    headers: Headers
     body: bytes
 
     def json(self) -> Any:
@@ -42,7 +55,8 @@ def call(port: int, method: str, path: str, body: bytes | None = None, headers: 
     try:
         connection.request(method, path, body=body, headers=headers or {})
         response = connection.getresponse()
-        return Reply(response.status, dict(response.getheaders()), response.read())
+        headers = Headers({name.lower(): value for name, value in response.getheaders()})
+        return Reply(response.status, headers, response.read())
     finally:
         connection.close()
 

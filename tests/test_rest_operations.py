@@ -50,10 +50,10 @@ META_TOKEN = "rest-metadata-token-0123456789abcdef"
 def repository(root: Path) -> Path:
     write_model(root, "slow", slow_model(WIDTH, 256), config={"max_batch_size": 64, "instances": 1})
     write_model(root, "dense", dense_model(DENSE_W, DENSE_B), config={"max_batch_size": 8})
-    # Two rows fill a batch, and a lone request waits up to 10 s for a companion: two requests sent together
+    # Two rows fill a batch, and a lone request waits up to 5 s for a companion: two requests sent together
     # always share one batch, whichever protocol each came by.
     write_model(root, "pair", dense_model(DENSE_W, DENSE_B), config={
-        "max_batch_size": 2, "dynamic_batching": {"delay_mode": "fixed", "max_queue_delay_us": 10_000_000}})
+        "max_batch_size": 2, "dynamic_batching": {"delay_mode": "fixed", "max_queue_delay_us": 5_000_000}})
     return root
 
 
@@ -216,6 +216,10 @@ def test_sigterm_drains_http_as_grpc(tmp_path: Path) -> None:
         port = server.http_port or 0
         body = {"inputs": [v2_input("input", BLOCKER[:16], "FP32")]}
         accepted = run_in_threads(lambda: post_json(port, "/v2/models/slow/infer", body, timeout=120), 4)
+        # A lone request to "pair" waits up to 5 s for a companion: accepted work that keeps the drain open while
+        # the checks below run, however fast the slow model's batches are.
+        lone = {"inputs": [v2_input("input", X, "FP32")]}
+        accepted += run_in_threads(lambda: post_json(port, "/v2/models/pair/infer", lone, timeout=120), 1)
 
         def inflight() -> float:
             text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read()
@@ -237,7 +241,8 @@ def test_sigterm_drains_http_as_grpc(tmp_path: Path) -> None:
         log = server.log()
     assert all(r.status == 200 for r in replies), [r.body[:200] for r in replies]
     expected = replies[0].json()["outputs"][0]["data"]
-    assert all(r.json()["outputs"][0]["data"] == expected for r in replies)
+    assert all(r.json()["outputs"][0]["data"] == expected for r in replies[:4])
+    np.testing.assert_allclose(replies[4].json()["outputs"][0]["data"], dense_reference(X).ravel(), rtol=1e-6)
     assert "still running when the grace period ended" not in log
 
 

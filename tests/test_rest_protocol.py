@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import socket
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ import pytest
 
 from nnserve.builder import load_spec
 from nnserve.builder.reference import forward
+from nnserve.server.frontends.rest_http import BadEncoding, BodyTooLarge, decompress
 from tests.conftest import (
     EXAMPLES,
     RunningServer,
@@ -255,13 +257,33 @@ def test_gzip_and_deflate_bodies_are_accepted_and_accept_encoding_is_honoured(po
 
 
 def test_a_body_over_the_limit_is_refused_before_it_is_read_and_gzip_bombs_count_decompressed(port: int) -> None:
-    too_long = call(port, "POST", "/v2/models/dense/infer", b"x" * ((1 << 20) + 1))
-    assert too_long.status == 413
-    assert "--max-message-bytes" in too_long.json()["error"]
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as raw:  # headers only: the body never comes
+        raw.sendall(b"POST /v2/models/dense/infer HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % ((1 << 20) + 1))
+        answer = raw.makefile("rb").read()
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert status_line.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert b"--max-message-bytes" in rest
     bomb = gzip.compress(b" " * (8 << 20))  # 8 MiB of spaces in about 8 KiB, the limit is 1 MiB decompressed
     assert len(bomb) < 1 << 20
     exploded = call(port, "POST", "/v2/models/dense/infer", bomb, {"Content-Encoding": "gzip"})
     assert exploded.status == 413
+
+
+def test_decompression_stops_at_the_limit_and_refuses_what_it_cannot_decode(port: int) -> None:
+    bomb = gzip.compress(b"\0" * (64 << 20))  # 64 MiB of zeros in about 64 KiB
+    with pytest.raises(BodyTooLarge):
+        decompress(bomb, "gzip", 1 << 20)  # zlib produces at most the limit + 1 byte before it is refused
+    assert decompress(zlib.compress(b"abc"), "deflate", 10) == b"abc"
+    raw_deflate = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    assert decompress(raw_deflate.compress(b"abc") + raw_deflate.flush(), "deflate", 10) == b"abc"
+    with pytest.raises(BadEncoding, match="cut short"):
+        decompress(gzip.compress(b"x" * 1000)[:-12], "gzip", 10_000)
+    brotli = call(port, "POST", "/v2/models/dense/infer", b"\x1b\x00", {"Content-Encoding": "br"})
+    assert brotli.status == 400
+    assert "Content-Encoding 'br' is not supported" in brotli.json()["error"]
+    garbage = call(port, "POST", "/v2/models/dense/infer", b"not gzip at all", {"Content-Encoding": "gzip"})
+    assert garbage.status == 400
+    assert "not valid gzip data" in garbage.json()["error"]
 
 
 # -- errors ----------------------------------------------------------------------------------------------------------

@@ -1,10 +1,10 @@
-"""The KServe v2 REST protocol (and Triton's HTTP extensions) over aiohttp, on the event loop gRPC runs on.
+"""The KServe v2 REST protocol (and Triton's HTTP extensions) as an ASGI application on the loop gRPC runs on.
 
 Routes translate onto `DataPlane` exactly as the gRPC servicer does: the same batcher, limits, readiness, drain,
 statistics and token scopes (each route is checked as the gRPC RPC it corresponds to; the health routes stay open,
 as grpc.health.v1 does, for kubelet and KServe probes). Errors answer `{"error": "..."}` with the status of
 `frontends.status.HTTP_STATUS`. The body's form is decided by `Inference-Header-Content-Length`, never by
-Content-Type (tritonclient sends none, `curl -d` sends a form type).
+Content-Type (tritonclient sends none, `curl -d` sends a form type). `rest_http` is the HTTP layer underneath.
 """
 
 from __future__ import annotations
@@ -12,14 +12,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import socket
-import ssl
+import re
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-from aiohttp import web
 from google.protobuf import descriptor as pb_descriptor
 from google.protobuf import json_format
 
@@ -35,6 +34,18 @@ from nnserve.server.frontends.rest_codec import (
     json_body,
     parse_infer_request,
 )
+from nnserve.server.frontends.rest_http import (
+    BadEncoding,
+    BodyTooLarge,
+    ClientGone,
+    Receive,
+    Scope,
+    Send,
+    compress,
+    decompress,
+    read_body,
+    watch_disconnect,
+)
 from nnserve.server.frontends.status import http_status
 from nnserve.server.limits import MIN_RETRY_AFTER_MS, RETRY_AFTER_KEY, client_message
 from nnserve.server.model_view import PLATFORM
@@ -44,78 +55,205 @@ from nnserve.server.security import TokenTable, authorize
 
 log = logging.getLogger(__name__)
 
-JSON = "application/json"
-OCTETS = "application/octet-stream"
+JSON = b"application/json"
+OCTETS = b"application/octet-stream"
 _INFERENCE_SERVICE: str = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
-_OPEN = "health"
-"""Route name of the endpoints that need no token (the health checks)."""
 _INTERNAL_MESSAGE = "internal error in nnserve; the server log has the details"
 _SERVER_METADATA = json_body({"name": SERVER_NAME, "version": __version__, "extensions": list(EXTENSIONS)})
+_SERVER_HEADER = (b"server", f"nnserve/{__version__}".encode())
 _INT64 = frozenset({pb_descriptor.FieldDescriptor.TYPE_INT64, pb_descriptor.FieldDescriptor.TYPE_UINT64,
                     pb_descriptor.FieldDescriptor.TYPE_SINT64, pb_descriptor.FieldDescriptor.TYPE_FIXED64,
                     pb_descriptor.FieldDescriptor.TYPE_SFIXED64})
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+@dataclass(slots=True)
+class Request:
+    """What a route sees: the path's parameters, the headers (lower-case names, every value) and the body."""
+
+    method: str
+    params: dict[str, str]
+    headers: dict[str, list[str]]
+    body: bytes = b""
+
+    def header(self, name: str) -> str | None:
+        values = self.headers.get(name)
+        return values[0] if values else None
+
+
+@dataclass(slots=True)
+class Reply:
+    status: int
+    body: bytes
+    content_type: bytes = JSON
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    compressible: bool = True
+
+
+Handler = Callable[[Request], Awaitable[Reply]]
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    method: str
+    pattern: re.Pattern[str]
+    handler: Handler
+    rpc: str | None
+    """The gRPC RPC whose token scope the route needs; None for the open health routes."""
+    reads_body: bool = False
+    watches: bool = False
+    """Whether a client hanging up cancels the handler (inference, whose request may wait in a queue)."""
+
+
+def _path(template: str) -> re.Pattern[str]:
+    """`/v2/models/{model}` -> a regex with named groups; a parameter is one path segment."""
+    return re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", template) + "$")
 
 
 class RestFrontend:
-    """The aiohttp application and its listener; `start` serves on an already bound socket."""
+    """The ASGI application: routing, token scopes, errors, and the v2 REST routes over a DataPlane."""
 
     def __init__(self, dataplane: DataPlane, *, tokens: TokenTable | None, max_body_bytes: int) -> None:
         self.dataplane = dataplane
         self._tokens = tokens
         self._max_body_bytes = max_body_bytes
-        middlewares = [self._errors] if tokens is None else [self._errors, self._authorize]
-        self.app = web.Application(client_max_size=max_body_bytes, middlewares=middlewares)
-        self._add_routes(self.app.router)
-        self._runner: web.AppRunner | None = None
+        self._routes = self._build_routes()
 
-    # -- lifecycle -------------------------------------------------------------------------------------------
+    def _build_routes(self) -> list[Route]:
+        model, version = "/v2/models/{model}", "/v2/models/{model}/versions/{version}"
+        routes = [
+            Route("GET", _path("/v2/health/live"), self.live, None),
+            Route("GET", _path("/v2/health/ready"), self.ready, None),
+            Route("GET", _path("/v2"), self.server_metadata, "ServerMetadata"),
+            Route("GET", _path("/v2/models/stats"), self.statistics, "ModelStatistics"),  # before {model}
+        ]
+        for base in (model, version):
+            routes += [
+                Route("GET", _path(base), self.model_metadata, "ModelMetadata"),
+                Route("GET", _path(base + "/ready"), self.model_ready, "ModelReady"),
+                Route("POST", _path(base + "/infer"), self.infer, "ModelInfer", reads_body=True, watches=True),
+                Route("GET", _path(base + "/config"), self.model_config, "ModelConfig"),
+                Route("GET", _path(base + "/stats"), self.statistics, "ModelStatistics"),
+            ]
+        routes += [
+            Route("POST", _path("/v2/repository/index"), self.repository_index, "RepositoryIndex", reads_body=True),
+            Route("POST", _path("/v2/repository/models/{model}/load"), self.load, "RepositoryModelLoad",
+                  reads_body=True),
+            Route("POST", _path("/v2/repository/models/{model}/unload"), self.unload, "RepositoryModelUnload",
+                  reads_body=True),
+        ]
+        return routes
 
-    async def start(self, sock: socket.socket, ssl_context: ssl.SSLContext | None) -> None:
-        # handler_cancellation: a client that hangs up cancels its handler, so a queued request leaves the queue.
-        # shutdown_timeout: the drain has already waited for every accepted request when the runner is cleaned up.
-        self._runner = web.AppRunner(self.app, access_log=None, handler_cancellation=True, handle_signals=False,
-                                     shutdown_timeout=1.0)
-        await self._runner.setup()
-        await web.SockSite(self._runner, sock, ssl_context=ssl_context).start()
+    # -- ASGI ------------------------------------------------------------------------------------------------
 
-    async def stop(self) -> None:
-        """Close the listener and the connections (after the drain: nothing accepted is still running)."""
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return  # lifespan is off; websockets are not served
+        headers: dict[str, list[str]] = {}
+        for name, value in scope["headers"]:
+            headers.setdefault(name.decode("latin-1"), []).append(value.decode("latin-1"))
+        reply = await self._respond(scope, receive, headers)
+        await self._send(send, reply, headers)
+
+    async def _respond(self, scope: Scope, receive: Receive, headers: dict[str, list[str]]) -> Reply:
+        path, method = scope["path"], scope["method"]
+        route, params, allowed = self._match(path, method)
+        if route is None:
+            if allowed:
+                return _error(405, "Method Not Allowed", [(b"allow", ", ".join(sorted(allowed)).encode())])
+            return _error(404, "Not Found")
+        request = Request(method, params, headers)
+        try:
+            if route.rpc is not None and self._tokens is not None:
+                denied = self._authorize(route.rpc, headers)
+                if denied is not None:
+                    return denied
+            if route.reads_body:
+                request.body = await self._read(receive, request)
+            if not route.watches:
+                return await route.handler(request)
+            task = asyncio.ensure_future(route.handler(request))
+            watcher = watch_disconnect(receive, task)
+            try:
+                return await task
+            finally:
+                if not watcher.done():
+                    watcher.cancel()
+        except ClientGone:
+            return _error(499, "the client closed the connection")
+        except BodyTooLarge as exc:
+            return _error(413, f"{exc}: larger than this server accepts ({self._max_body_bytes} bytes, "
+                               "--max-message-bytes; a compressed body counts decompressed)",
+                          [(b"connection", b"close")])
+        except BadEncoding as exc:
+            return _error(400, str(exc))
+        except QueueFullError as exc:
+            hint = getattr(exc, "retry_after_ms", MIN_RETRY_AFTER_MS)
+            headers_out = [(b"retry-after", str(max(1, math.ceil(hint / 1000))).encode()),
+                           (RETRY_AFTER_KEY.encode(), str(hint).encode())]
+            return _error(http_status(exc), f"{exc} (retry after ~{hint} ms)", headers_out)
+        except ServingError as exc:
+            return _error(http_status(exc), str(exc))
+        except asyncio.CancelledError:
+            if asyncio.current_task() is not None and asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                raise  # the server itself is stopping
+            return _error(499, "the client closed the connection")  # our handler, cancelled by the watch
+        except Exception:
+            log.exception("%s %s failed unexpectedly", method, path[:128])
+            return _error(500, _INTERNAL_MESSAGE)
+
+    def _match(self, path: str, method: str) -> tuple[Route | None, dict[str, str], set[str]]:
+        allowed: set[str] = set()
+        for route in self._routes:
+            found = route.pattern.match(path)
+            if found is None:
+                continue
+            if route.method == method:
+                return route, found.groupdict(), allowed
+            allowed.add(route.method)
+        return None, {}, allowed
+
+    async def _read(self, receive: Receive, request: Request) -> bytes:
+        length = request.header("content-length")
+        declared = int(length) if length is not None and length.isdigit() else None
+        body = await read_body(receive, declared, self._max_body_bytes)
+        encoding = request.header("content-encoding")
+        return decompress(body, encoding, self._max_body_bytes) if encoding else body
+
+    def _authorize(self, rpc: str, headers: dict[str, list[str]]) -> Reply | None:
+        assert self._tokens is not None
+        denial = authorize(self._tokens, f"/{_INFERENCE_SERVICE}/{rpc}", headers.get("authorization", []), "header")
+        if denial is None:
+            return None
+        if denial.unauthenticated:
+            return _error(401, denial.message, [(b"www-authenticate", b"Bearer")])
+        return _error(403, denial.message)
+
+    async def _send(self, send: Send, reply: Reply, headers: dict[str, list[str]]) -> None:
+        body = reply.body
+        extra = list(reply.headers)
+        accepted = headers.get("accept-encoding")
+        if accepted and reply.compressible and body:
+            body, encoding = compress(body, accepted[0])
+            if encoding is not None:
+                extra.append((b"content-encoding", encoding.encode()))
+        response_headers = [(b"content-type", reply.content_type), (b"content-length", str(len(body)).encode()),
+                            _SERVER_HEADER, *extra]
+        await send({"type": "http.response.start", "status": reply.status, "headers": response_headers})
+        await send({"type": "http.response.body", "body": body})
 
     # -- routes ----------------------------------------------------------------------------------------------
 
-    def _add_routes(self, router: web.UrlDispatcher) -> None:
-        model = "/v2/models/{model}"
-        version = "/v2/models/{model}/versions/{version}"
-        router.add_get("/v2/health/live", self.live, name="health-live")
-        router.add_get("/v2/health/ready", self.ready, name="health-ready")
-        router.add_get("/v2", self.server_metadata, name="ServerMetadata")
-        router.add_get("/v2/models/stats", self.statistics, name="ModelStatistics")  # before {model}
-        for base, suffix in ((model, ""), (version, "-version")):
-            router.add_get(base, self.model_metadata, name=f"ModelMetadata{suffix}")
-            router.add_get(base + "/ready", self.model_ready, name=f"ModelReady{suffix}")
-            router.add_post(base + "/infer", self.infer, name=f"ModelInfer{suffix}")
-            router.add_get(base + "/config", self.model_config, name=f"ModelConfig{suffix}")
-            router.add_get(base + "/stats", self.statistics, name=f"ModelStatistics-model{suffix}")
-        router.add_post("/v2/repository/index", self.repository_index, name="RepositoryIndex")
-        router.add_post("/v2/repository/models/{model}/load", self.load, name="RepositoryModelLoad")
-        router.add_post("/v2/repository/models/{model}/unload", self.unload, name="RepositoryModelUnload")
-
-    async def live(self, request: web.Request) -> web.Response:
+    async def live(self, request: Request) -> Reply:
         return _json({"live": True})
 
-    async def ready(self, request: web.Request) -> web.Response:
+    async def ready(self, request: Request) -> Reply:
         ready = self.dataplane.is_ready()
         return _json({"ready": ready}, 200 if ready else 503)
 
-    async def server_metadata(self, request: web.Request) -> web.Response:
-        return web.Response(body=_SERVER_METADATA, content_type=JSON)
+    async def server_metadata(self, request: Request) -> Reply:
+        return Reply(200, _SERVER_METADATA)
 
-    async def model_metadata(self, request: web.Request) -> web.Response:
+    async def model_metadata(self, request: Request) -> Reply:
         served = self._lookup(request, "ModelMetadata")
         entry = self.dataplane.entry(served.name)
         signature = served.runner.signature
@@ -128,121 +266,65 @@ class RestFrontend:
             "inputs": tensors(signature.inputs), "outputs": tensors(signature.outputs),
         })
 
-    async def model_ready(self, request: web.Request) -> web.Response:
-        name, version = request.match_info["model"], request.match_info.get("version", "")
+    async def model_ready(self, request: Request) -> Reply:
+        name, version = request.params["model"], request.params.get("version", "")
         self.dataplane.entry(name)  # 404 for a model the server does not know
         ready = self.dataplane.model_ready(name, version)
         return _json({"name": name, "ready": ready}, 200 if ready else 503)
 
-    async def model_config(self, request: web.Request) -> web.Response:
-        served = self._lookup(request, "ModelConfig")
-        return _json(config_json(served))
+    async def model_config(self, request: Request) -> Reply:
+        return _json(config_json(self._lookup(request, "ModelConfig")))
 
-    async def statistics(self, request: web.Request) -> web.Response:
-        served = self.dataplane.statistics(request.match_info.get("model", ""), request.match_info.get("version", ""))
+    async def statistics(self, request: Request) -> Reply:
+        served = self.dataplane.statistics(request.params.get("model", ""), request.params.get("version", ""))
         return _json({"model_stats": [statistics_json(s) for s in served]})
 
-    async def repository_index(self, request: web.Request) -> web.Response:
-        body = await _optional_json(request)
-        ready_only = bool(body.get("ready", False))
+    async def repository_index(self, request: Request) -> Reply:
+        ready_only = bool(_optional_json(request.body).get("ready", False))
         rows = self.dataplane.index(ready_only=ready_only)
         return _json([{"name": r.name, "version": r.version, "state": r.state, "reason": r.reason} for r in rows])
 
-    async def load(self, request: web.Request) -> web.Response:
-        body = await _optional_json(request)
-        await self.dataplane.load(request.match_info["model"], list(_parameters_of(body)))
+    async def load(self, request: Request) -> Reply:
+        parameters = _parameters_of(_optional_json(request.body))
+        await self.dataplane.load(request.params["model"], list(parameters))
         return _json({})
 
-    async def unload(self, request: web.Request) -> web.Response:
-        body = await _optional_json(request)
-        await self.dataplane.unload(request.match_info["model"], list(_parameters_of(body)))
+    async def unload(self, request: Request) -> Reply:
+        parameters = _parameters_of(_optional_json(request.body))
+        await self.dataplane.unload(request.params["model"], list(parameters))
         return _json({})
 
-    async def infer(self, request: web.Request) -> web.StreamResponse:
+    async def infer(self, request: Request) -> Reply:
         started = time.perf_counter_ns()
-        body = await self._read_body(request)
-        model, version = request.match_info["model"], request.match_info.get("version", "")
+        model, version = request.params["model"], request.params.get("version", "")
         try:
-            neutral, choice = parse_infer_request(body, request.headers.get(HEADER_LENGTH), model, version,
-                                                  self.dataplane.limits, None)
+            neutral, choice = parse_infer_request(request.body, request.header(HEADER_LENGTH.lower()), model,
+                                                  version, self.dataplane.limits, None)
         except InvalidInputError as exc:  # refused after routing: an unknown model is 404, and statistics count it
             neutral, choice = InferenceRequest(model, version, (), invalid=str(exc)), OutputChoice({}, False)
         response = await self.dataplane.infer(neutral, RestEncoder(choice), started)
         payload, header_length = response.body()
         if header_length is None:
-            reply = web.Response(body=payload, content_type=JSON)
-        else:
-            reply = web.Response(body=payload, content_type=OCTETS, headers={HEADER_LENGTH: str(header_length)})
-        _compress_if_asked(request, reply)
-        return reply
+            return Reply(200, payload)
+        return Reply(200, payload, OCTETS, [(HEADER_LENGTH.lower().encode(), str(header_length).encode())])
 
-    # -- helpers -----------------------------------------------------------------------------------------------
-
-    def _lookup(self, request: web.Request, rpc: str) -> ServedVersion:
-        return self.dataplane.lookup(request.match_info["model"], request.match_info.get("version", ""), rpc)
-
-    async def _read_body(self, request: web.Request) -> bytes:
-        """The (decompressed) body; a declared length over the limit is refused before anything is read."""
-        declared = request.content_length
-        if declared is not None and declared > self._max_body_bytes:
-            raise web.HTTPRequestEntityTooLarge(max_size=self._max_body_bytes, actual_size=declared)
-        return await request.read()
-
-    @web.middleware
-    async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        """Every failure as `{"error": ...}` with its status: the domain table, aiohttp's own 4xx, or 500."""
-        try:
-            return await handler(request)
-        except QueueFullError as exc:
-            hint = getattr(exc, "retry_after_ms", MIN_RETRY_AFTER_MS)
-            headers = {"Retry-After": str(max(1, math.ceil(hint / 1000))), RETRY_AFTER_KEY: str(hint)}
-            return _error(http_status(exc), f"{exc} (retry after ~{hint} ms)", headers)
-        except ServingError as exc:
-            return _error(http_status(exc), str(exc))
-        except web.HTTPRequestEntityTooLarge as exc:
-            return _error(413, f"the request body is larger than this server accepts ({self._max_body_bytes} bytes, "
-                               f"--max-message-bytes; decompressed bodies count): {exc.text}")
-        except web.HTTPException as exc:
-            if exc.status < 400:
-                raise
-            return _error(exc.status, exc.reason if exc.status in (404, 405) else (exc.text or exc.reason),
-                          {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("%s %s failed unexpectedly", request.method, request.path[:128])
-            return _error(500, _INTERNAL_MESSAGE)
-
-    @web.middleware
-    async def _authorize(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        route = request.match_info.route.name
-        if route is not None and not route.startswith(_OPEN):
-            assert self._tokens is not None
-            rpc = route.split("-", 1)[0]
-            denial = authorize(self._tokens, f"/{_INFERENCE_SERVICE}/{rpc}", request.headers.getall("Authorization",
-                                                                                                 []), "header")
-            if denial is not None:
-                if denial.unauthenticated:
-                    return _error(401, denial.message, {"WWW-Authenticate": "Bearer"})
-                return _error(403, denial.message)
-        return await handler(request)
+    def _lookup(self, request: Request, rpc: str) -> ServedVersion:
+        return self.dataplane.lookup(request.params["model"], request.params.get("version", ""), rpc)
 
 
 # -- bodies --------------------------------------------------------------------------------------------------------
 
 
-def _json(document: Any, status: int = 200) -> web.Response:
-    return web.Response(body=json_body(document), status=status, content_type=JSON)
+def _json(document: Any, status: int = 200) -> Reply:
+    return Reply(status, json_body(document))
 
 
-def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(body=json_body({"error": client_message(message)}), status=int(status), content_type=JSON,
-                        headers=headers)
+def _error(status: int, message: str, headers: list[tuple[bytes, bytes]] | None = None) -> Reply:
+    return Reply(int(status), json_body({"error": client_message(message)}), JSON, headers or [], compressible=False)
 
 
-async def _optional_json(request: web.Request) -> dict[str, Any]:
+def _optional_json(raw: bytes) -> dict[str, Any]:
     """A small JSON object body (repository calls); empty when there is none."""
-    raw = await request.read()
     if not raw.strip():
         return {}
     try:
@@ -261,13 +343,6 @@ def _parameters_of(body: dict[str, Any]) -> dict[str, Any]:
     return parameters
 
 
-def _compress_if_asked(request: web.Request, response: web.Response) -> None:
-    """gzip or deflate the response when the client's Accept-Encoding asks for it (as Triton does)."""
-    accepted = request.headers.get("Accept-Encoding", "")
-    if "gzip" in accepted or "deflate" in accepted:
-        response.enable_compression()
-
-
 def config_json(served: ServedVersion) -> dict[str, Any]:
     """Triton's ModelConfig as its HTTP endpoint writes it: proto field names, every field, 64-bit integers as JSON
     numbers (protobuf's JSON mapping writes them as strings, which perf_analyzer cannot read)."""
@@ -278,22 +353,22 @@ def config_json(served: ServedVersion) -> dict[str, Any]:
 
 
 def _numbers(descriptor: pb_descriptor.Descriptor, document: dict[str, Any]) -> dict[str, Any]:
-    for field in descriptor.fields:
-        if field.name not in document:
+    for item in descriptor.fields:
+        if item.name not in document:
             continue
-        value = document[field.name]
-        if field.type in _INT64:
-            document[field.name] = [int(v) for v in value] if isinstance(value, list) else int(value)
-        elif field.message_type is not None:
-            if field.message_type.GetOptions().map_entry:
-                inner = field.message_type.fields_by_name["value"].message_type
+        value = document[item.name]
+        if item.type in _INT64:
+            document[item.name] = [int(v) for v in value] if isinstance(value, list) else int(value)
+        elif item.message_type is not None:
+            if item.message_type.GetOptions().map_entry:
+                inner = item.message_type.fields_by_name["value"].message_type
                 if inner is not None:
-                    for key, item in value.items():
-                        value[key] = _numbers(inner, item)
+                    for key, entry in value.items():
+                        value[key] = _numbers(inner, entry)
             elif isinstance(value, list):
-                document[field.name] = [_numbers(field.message_type, item) for item in value]
+                document[item.name] = [_numbers(item.message_type, entry) for entry in value]
             elif isinstance(value, dict):
-                document[field.name] = _numbers(field.message_type, value)
+                document[item.name] = _numbers(item.message_type, value)
     return document
 
 
@@ -327,32 +402,3 @@ def statistics_json(served: ServedVersion) -> dict[str, Any]:
         "memory_usage": [{"type": "GPU" if on_gpu else "CPU", "id": runner.device_id if on_gpu else 0,
                           "byte_size": int(runner.facts.weight_bytes)}],
     }
-
-
-def listening_socket(host: str, port: int, *, reuse_port: bool) -> socket.socket:
-    """A bound, listening TCP socket for the HTTP port (bound by nnserve, so that port 0 reports its real port and
-    `--workers N` can share it with SO_REUSEPORT)."""
-    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    family, kind, proto, _name, address = infos[0]
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind(address)
-        sock.listen(1024)
-        sock.setblocking(False)
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
-def server_ssl_context(cert: str, key: str, client_ca: str | None) -> ssl.SSLContext:
-    """TLS for the HTTP port from the same files as gRPC's; mutual TLS (client certificates required) with a CA."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(cert, key)
-    if client_ca is not None:
-        context.load_verify_locations(cafile=client_ca)
-        context.verify_mode = ssl.CERT_REQUIRED
-    return context

@@ -170,6 +170,11 @@ OPTIONS: tuple[_Option, ...] = (
             "US"),
     _Option("graph_optimization_level", "--graph-optimization-level", str,
             "default onnxruntime graph optimization level", choices=OPTIMIZATION_LEVELS),
+    _Option("warmup", "--warmup", _bool,
+            "default for models whose config.json does not say: run each new version at its batch sizes on zeroed "
+            "inputs before it reports READY (true/false)", "BOOL"),
+    _Option("warmup_timeout_s", "--warmup-timeout", _seconds,
+            "most seconds one version's warm-up may take; sizes left are skipped", "SECONDS"),
     _Option("dynamic_batching", "--dynamic-batching", _bool,
             "default for models whose config.json does not say: merge concurrent requests (true/false)", "BOOL"),
     _Option("max_batch_size", "--max-batch-size", _count,

@@ -24,6 +24,10 @@ Schema (JSON)::
         "max_queue_size": 1024,
         "delay_mode": "adaptive",           # adaptive | fixed (default: the server's --batch-delay-mode)
         "inline_max_compute_us": 50         # run batches on the event loop below this compute time; 0: never
+      },
+      "warmup": {                           # or false: no warm-up for this model (default: the server's --warmup)
+        "batch_sizes": [1, 8, 64],          # default: preferred_batch_sizes and powers of two up to max_batch_size
+        "dims": {"input": [224]}            # per input, the dims after the batch one, for dynamic ones (-1)
       }
     }
 """
@@ -54,7 +58,9 @@ _TOP_KEYS = (
     "graph_optimization_level",
     "instances",
     "dynamic_batching",
+    "warmup",
 )
+_WARMUP_KEYS = ("batch_sizes", "dims")
 _BATCHING_KEYS = (
     "enabled", "max_queue_delay_us", "preferred_batch_sizes", "max_queue_size", "delay_mode", "inline_max_compute_us"
 )
@@ -113,6 +119,15 @@ class DynamicBatchingConfig:
 
 
 @dataclass(frozen=True)
+class WarmupConfig:
+    """Warm-up overrides: `enabled` None leaves the server's --warmup; None sizes: the default set."""
+
+    enabled: bool | None = None
+    batch_sizes: tuple[int, ...] | None = None
+    dims: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """A model's serving config; None fields fall back to the server's settings."""
 
@@ -125,6 +140,7 @@ class ModelConfig:
     graph_optimization_level: str | None = None
     instances: int = 1
     dynamic_batching: DynamicBatchingConfig = field(default_factory=DynamicBatchingConfig)
+    warmup: WarmupConfig = field(default_factory=WarmupConfig)
 
 
 def load_model_config(model_dir: Path, *, source_name: str | None = None, check_name: bool = True) -> ModelConfig:
@@ -176,6 +192,7 @@ def parse_model_config(data: Any, *, source: str = CONFIG_FILENAME, model_name: 
         graph_optimization_level=level,
         instances=_int(data, "instances", problems, minimum=1, maximum=64) or 1,
         dynamic_batching=_batching(data.get("dynamic_batching"), problems),
+        warmup=_warmup(data.get("warmup"), problems),
     )
     if problems:
         raise ModelConfigError(source, problems)
@@ -240,6 +257,34 @@ def _version_policy(value: Any, problems: list[str]) -> VersionPolicy:
         return VersionPolicy("specific", versions=tuple(sorted(set(arg))))
     problems.append(f"{where}': unknown policy {kind!r}; {shape}")
     return VersionPolicy()
+
+
+def _warmup(value: Any, problems: list[str]) -> WarmupConfig:
+    if value is None:
+        return WarmupConfig()
+    if isinstance(value, bool):
+        return WarmupConfig(enabled=value)
+    if not isinstance(value, Mapping):
+        problems.append(f"key 'warmup': expected false, true or a JSON object, found {value!r}")
+        return WarmupConfig()
+    _reject_unknown(value, _WARMUP_KEYS, "warmup.", problems)
+    sizes = value.get("batch_sizes")
+    if sizes is not None and (not isinstance(sizes, list) or not sizes
+                              or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in sizes)):
+        problems.append(f"key 'warmup.batch_sizes': expected a non-empty list of integers >= 1, found {sizes!r}")
+        sizes = None
+    dims: dict[str, tuple[int, ...]] = {}
+    given = value.get("dims", {})
+    if not isinstance(given, Mapping):
+        problems.append(f"key 'warmup.dims': expected an object of input name -> list of dims, found {given!r}")
+        given = {}
+    for name, shape in given.items():
+        if not isinstance(shape, list) or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in shape):
+            problems.append(f"key 'warmup.dims.{name}': expected a list of integers >= 1 (the dims after the batch "
+                            f"one), found {shape!r}")
+            continue
+        dims[str(name)] = tuple(shape)
+    return WarmupConfig(True, tuple(sorted(set(sizes))) if sizes else None, dims)
 
 
 def _batching(value: Any, problems: list[str]) -> DynamicBatchingConfig:

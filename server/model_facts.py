@@ -16,7 +16,7 @@ from typing import BinaryIO
 
 import onnxruntime as ort
 
-from nnserve.server.providers import CUDA, cuda_unavailable_reason
+from nnserve.server.providers import CUDA, cuda_unavailable_reason, gpu_visible
 
 log = logging.getLogger(__name__)
 
@@ -132,4 +132,6 @@ def provider_fallback_reason(requested_device: str, provider: str, device_id: in
     """
     if requested_device == "cpu" or provider == CUDA or CUDA not in ort.get_available_providers():
         return ""
+    if requested_device == "auto" and not gpu_visible():
+        return ""  # no GPU anywhere: the CPU was the plan, not a fallback
     return cuda_unavailable_reason(device_id) or f"onnxruntime placed the session on {provider} instead of CUDA"

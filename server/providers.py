@@ -39,6 +39,22 @@ _OPTIMIZATION_LEVELS = {
 
 _quiet_lock = threading.Lock()
 _warned_auto_fallback: set[int] = set()
+_announced_no_gpu: list[bool] = []
+
+GPU_DEVICE_NODES = ("dev/nvidiactl", "dev/nvidia0", "dev/dxg", "proc/driver/nvidia/version")
+"""What shows a GPU to this process: NVIDIA's device nodes and driver (Linux, containers given a GPU), or WSL's
+/dev/dxg, through which WSL exposes a Windows host's GPU instead of NVIDIA's nodes."""
+
+
+def gpu_visible(root: Path = Path("/")) -> bool:
+    """Whether any GPU is visible at all (device nodes or a driver under `root`): on a laptop or CI machine without
+    one, `--device auto` choosing the CPU is the plan, not a fallback worth a warning."""
+    if any((root / node).exists() for node in GPU_DEVICE_NODES):
+        return True
+    try:
+        return any(child.name[6:].isdigit() for child in (root / "dev").glob("nvidia[0-9]*"))
+    except OSError:
+        return False
 
 
 @contextmanager
@@ -62,6 +78,12 @@ def session_options(
     options.graph_optimization_level = _OPTIMIZATION_LEVELS[optimization_level]
     options.log_severity_level = 3
     return options
+
+
+def cuda_options(device_id: int) -> dict[str, str]:
+    """CUDA provider options: the device, and TF32 off, so that float32 models compute in float32 (TF32's 10-bit
+    mantissa would move a 4096-wide layer's outputs by about 1e-3 relative, far past fp32's tolerance)."""
+    return {"device_id": str(device_id), "use_tf32": "0"}
 
 
 @functools.cache
@@ -99,11 +121,17 @@ def create_session(
 ) -> tuple[ort.InferenceSession, str]:
     """A session for `model` on the requested device, and the provider it really runs on.
 
-    `cuda` raises DeviceUnavailableError when CUDA cannot be used; `auto` falls back to CPU
-    with one warning line per process and device.
+    `cuda` raises DeviceUnavailableError when CUDA cannot be used; `auto` runs on CPU with one info line when no GPU
+    is visible at all, and falls back to CPU with one warning line per process and device when a GPU is visible
+    but CUDA cannot be used (missing CUDA 13 / cuDNN 9 libraries, driver too old).
     """
     source = str(model) if isinstance(model, Path) else model
     if device == "cpu":
+        return ort.InferenceSession(source, options, providers=[CPU]), CPU
+    if device == "auto" and not gpu_visible():
+        if not _announced_no_gpu:
+            _announced_no_gpu.append(True)
+            log.info("no GPU visible (no NVIDIA device nodes or driver, no WSL /dev/dxg): models run on %s", CPU)
         return ort.InferenceSession(source, options, providers=[CPU]), CPU
     reason = cuda_unavailable_reason(device_id)
     if reason is not None:
@@ -114,7 +142,7 @@ def create_session(
             log.warning("CUDA is not usable (%s); models run on %s (pass --device cpu to silence this)", reason, CPU)
         return ort.InferenceSession(source, options, providers=[CPU]), CPU
     with quiet_onnxruntime():
-        session = ort.InferenceSession(source, options, providers=[(CUDA, {"device_id": device_id}), CPU])
+        session = ort.InferenceSession(source, options, providers=[(CUDA, cuda_options(device_id)), CPU])
     provider = session.get_providers()[0]
     if provider != CUDA:
         if device == "cuda":

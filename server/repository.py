@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
+from nnserve.server import warmup
 from nnserve.server.batcher import BatchStats
 from nnserve.server.batching_settings import BatchingSettings
 from nnserve.server.errors import (
@@ -378,6 +379,7 @@ class ModelRepository:
         options = self._runner_options(config)
         runner = await asyncio.to_thread(ModelRunner.load, name, version, path, options)
         batching = self._batching_settings(name, config, runner)
+        await self._warm_up(runner, config, batching)
         recorder = self._recorders.setdefault(
             (name, version), StatisticsRecorder(name, version, self._settings.metrics_buckets)
         )
@@ -398,6 +400,15 @@ class ModelRepository:
             "dynamic batching" if runner.batched and batching.enabled else "no batching",
         )
         return served
+
+    async def _warm_up(self, runner: ModelRunner, config: ModelConfig, batching: BatchingSettings) -> None:
+        """Warm the version before it is served (ModelLoadError when a warm-up run fails); see `warmup`."""
+        wanted = self._settings.warmup if config.warmup.enabled is None else config.warmup.enabled
+        if not wanted:
+            return
+        sizes = warmup.batch_sizes(runner.signature.max_batch_size, batching.preferred_batch_sizes,
+                                   config.warmup.batch_sizes)
+        await asyncio.to_thread(warmup.warm_up, runner, sizes, config.warmup.dims, self._settings.warmup_timeout_s)
 
     def _runner_options(self, config: ModelConfig) -> RunnerOptions:
         s = self._settings

@@ -142,6 +142,13 @@ class ServerSettings:
     dynamic_batching: bool = True
     """Default for models whose config.json does not say: merge concurrent requests into batches."""
 
+    warmup: bool = True
+    """Default for models whose config.json does not say: run each new version at the batch sizes it will see, on
+    zeroed inputs, before it is READY (`nnserve.server.warmup`)."""
+
+    warmup_timeout_s: float = 60.0
+    """Most seconds one version's warm-up may take; the sizes left are skipped (logged), never failed."""
+
     max_batch_size: int = 64
     """Default rows per request and per batch for models with a dynamic batch dimension and no config value."""
 
@@ -179,6 +186,8 @@ class ServerSettings:
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
         if not (isinstance(self.max_batch_size, int) and 1 <= self.max_batch_size <= 1 << 20):
             raise ValueError(f"max_batch_size must be an integer in [1, 1048576], got {self.max_batch_size!r}")
+        if not self.warmup_timeout_s >= 0:
+            raise ValueError(f"warmup_timeout_s must be >= 0 seconds, got {self.warmup_timeout_s!r}")
         if not self.grace_period_s >= 0:
             raise ValueError(f"grace_period_s must be >= 0 seconds, got {self.grace_period_s!r}")
         if not (isinstance(self.max_message_bytes, int) and 1024 <= self.max_message_bytes <= 2**31 - 1):

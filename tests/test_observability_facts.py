@@ -71,6 +71,7 @@ def test_model_config_carries_flops_layers_opset_and_the_provider_in_use(server:
 
 
 def test_fallback_is_flagged_only_when_cuda_was_possible_but_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(model_facts, "gpu_visible", lambda: True)  # the machine shows a GPU
     monkeypatch.setattr(model_facts.ort, "get_available_providers", lambda: [CUDA, CPU])
     monkeypatch.setattr(model_facts, "cuda_unavailable_reason", lambda device_id: "libcublasLt.so.13 is missing")
     assert provider_fallback_reason("auto", CPU, 0) == "libcublasLt.so.13 is missing"
@@ -81,6 +82,24 @@ def test_fallback_is_flagged_only_when_cuda_was_possible_but_not_used(monkeypatc
     assert "instead of CUDA" in provider_fallback_reason("auto", CPU, 0)  # onnxruntime placed it on CPU anyway
     monkeypatch.setattr(model_facts.ort, "get_available_providers", lambda: [CPU])
     assert provider_fallback_reason("auto", CPU, 0) == ""  # a CPU-only onnxruntime: CPU was the only choice
+    monkeypatch.setattr(model_facts.ort, "get_available_providers", lambda: [CUDA, CPU])
+    monkeypatch.setattr(model_facts, "cuda_unavailable_reason", lambda device_id: "libcublasLt.so.13 is missing")
+    monkeypatch.setattr(model_facts, "gpu_visible", lambda: False)
+    assert provider_fallback_reason("auto", CPU, 0) == ""  # no GPU on the machine: CPU was the plan
+
+
+def test_a_gpu_is_visible_through_nvidia_device_nodes_its_driver_or_wsls_dxg(tmp_path: Path) -> None:
+    from nnserve.server.providers import gpu_visible
+
+    (tmp_path / "dev").mkdir()
+    assert not gpu_visible(tmp_path)
+    for node in ("dev/nvidia3", "dev/nvidiactl", "dev/dxg", "proc/driver/nvidia/version"):
+        root = tmp_path / node.replace("/", "_")
+        (root / node).parent.mkdir(parents=True)
+        (root / node).touch()
+        assert gpu_visible(root), node
+    (tmp_path / "dev" / "nvidia-caps").mkdir()  # not a GPU node
+    assert not gpu_visible(tmp_path)
 
 
 def test_opset_and_ir_version_are_read_without_parsing_the_graph(tmp_path: Path) -> None:

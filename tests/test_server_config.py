@@ -82,7 +82,7 @@ def test_every_problem_of_a_config_is_reported_in_one_message() -> None:
         parse_model_config(data, source="m/config.json", model_name="m")
     assert error.value.problems == (
         "unknown key 'max_batch_sise' (allowed keys: name, description, max_batch_size, version_policy, device, "
-        "device_id, intra_op_threads, inter_op_threads, graph_optimization_level, instances, dynamic_batching)",
+        "device_id, intra_op_threads, inter_op_threads, graph_optimization_level, instances, dynamic_batching, warmup)",
         "key 'device': expected one of ['auto', 'cuda', 'cpu'], found 'gpu'",
         "key 'version_policy.latest': expected an integer >= 1, found 0",
         "key 'instances': expected an integer in [1, 64], found 0",
@@ -213,3 +213,18 @@ def test_string_tensors_are_refused_at_load_with_the_supported_types(tmp_path: P
     with pytest.raises(ModelLoadError, match=r"input 's' has type tensor\(string\), which nnserve does not serve"):
         _load(path)
 
+
+
+def test_warmup_config_is_validated_and_every_form_accepted(tmp_path: Path) -> None:
+    from nnserve.server.model_config import ModelConfigError, parse_model_config
+
+    assert parse_model_config({"warmup": False}).warmup.enabled is False
+    config = parse_model_config({"warmup": {"batch_sizes": [8, 1, 8], "dims": {"x": [3, 224]}}})
+    assert (config.warmup.enabled, config.warmup.batch_sizes, dict(config.warmup.dims)) == (True, (1, 8),
+                                                                                             {"x": (3, 224)})
+    with pytest.raises(ModelConfigError) as caught:
+        parse_model_config({"warmup": {"batch_sizes": [0], "dims": {"x": [-1]}, "runs": 2}})
+    problems = caught.value.problems
+    assert any("unknown key 'warmup.runs'" in p for p in problems)
+    assert any("warmup.batch_sizes': expected a non-empty list of integers >= 1, found [0]" in p for p in problems)
+    assert any("warmup.dims.x': expected a list of integers >= 1" in p for p in problems)

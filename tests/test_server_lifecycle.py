@@ -18,7 +18,7 @@ from nnserve.builder import build
 from nnserve.protos import grpc_service_pb2 as pb
 from nnserve.protos import grpc_service_pb2_grpc as pb_grpc
 from nnserve.server.app import StartupError, create_server
-from nnserve.server.providers import cuda_unavailable_reason
+from nnserve.server.providers import cuda_unavailable_reason, gpu_visible
 from nnserve.server.settings import ServerSettings
 from tests.conftest import (
     DENSE_B,
@@ -91,8 +91,10 @@ def test_sigterm_finishes_accepted_requests_refuses_new_ones_and_exits_within_th
     assert "still running when the grace period ended" not in log  # the drain ended, not the grace period
 
 
-@needs_no_cuda
-def test_device_auto_without_cuda_falls_back_to_cpu_with_one_warning_line_and_env_settings(tmp_path: Path) -> None:
+@pytest.mark.skipif(gpu_visible(), reason="a GPU is visible here; this test is about a machine without one")
+def test_device_auto_without_a_gpu_runs_on_cpu_with_one_info_line_no_warning_and_env_settings(
+    tmp_path: Path
+) -> None:
     repo = tmp_path / "repo"
     for name in ("a", "b", "c"):
         write_model(repo, name, dense_model(DENSE_W, DENSE_B))
@@ -107,13 +109,15 @@ def test_device_auto_without_cuda_falls_back_to_cpu_with_one_warning_line_and_en
                     config = stub.ModelConfig(pb.ModelConfigRequest(name=name), timeout=5).config
                     assert config.parameters["execution_provider"].string_value == "CPUExecutionProvider"
                 stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="a"), timeout=30)  # env: explicit
+                assert config.parameters["provider_fallback"].string_value == "false"  # the plan, not a fallback
             server.terminate()
             assert server.process.wait(timeout=30) == 0
             log = server.log()
-    warnings = [line for line in log.splitlines() if "CUDA" in line]
-    assert len(warnings) == 1, log
-    assert "WARNING" in warnings[0]
-    assert "CPUExecutionProvider" in warnings[0]
+    notes = [line for line in log.splitlines() if "GPU" in line or "CUDA" in line]
+    assert len(notes) == 1, log
+    assert " INFO " in notes[0]
+    assert "no GPU visible" in notes[0]
+    assert "WARNING" not in log, log
     assert "[E:onnxruntime" not in log, log
     assert "[W:onnxruntime" not in log, log
     assert re.search(r"loaded model 'a' version 1 on CPUExecutionProvider: 8 parameters", log), log

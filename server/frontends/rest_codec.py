@@ -244,8 +244,7 @@ class RestEncoder:
                 entry["data"] = array.reshape(-1)
             outputs.append(entry)
         document: dict[str, Any] = {"model_name": result.model, "model_version": result.version}
-        if result.id:
-            document["id"] = result.id
+        document["id"] = result.id  # always, "" when the request gave none (kserve's InferenceResponse requires it)
         document["outputs"] = outputs
         return RestResponse(document, tails)
 

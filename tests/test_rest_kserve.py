@@ -290,7 +290,7 @@ def test_raw_infer_body_echoes_the_id_and_carries_the_reference_outputs(
 ) -> None:
     model = MODELS[name]
     for suffix, request_id in (("infer", f"raw-{name}"), ("infer-version", f"raw-{name}-v"),
-                               ("infer-without-id", None)):
+                               ("infer-without-id", "")):  # no id asked for: "" (kserve requires the field)
         document = validated[f"{name}-{suffix}"].raw.json()
         assert document["model_name"] == name
         assert document["model_version"] == VERSION

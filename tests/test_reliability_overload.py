@@ -4,11 +4,18 @@ requests keep their latency bound and their exact results, and the server's memo
 One `nnserve serve` process (its RSS is its own, read from /proc) serves a model that costs milliseconds per batch,
 with a queue bound of 16 requests. The load generator (grpc.aio in this process) fires waves of requests far
 faster than the model can run them, then checks every answer.
+
+Latency is judged in the server's own units, never against a wall-clock bound that a busy machine stretches: every
+request asks for its timing (`nnserve.timing`), so an accepted one says how long it waited in the queue and how long
+its execution took, and the statistics say how long the server spent on the refused ones. "Bounded by the queue"
+is then "waited at most for the executions a full queue holds", and "refused fast" is "refused in less time than
+the quickest execution". Client-side latencies (which include this process's own scheduling) are not asserted.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -18,8 +25,10 @@ import grpc
 import numpy as np
 import pytest
 
+from nnserve.protos import grpc_service_pb2 as pb
 from nnserve.protos import grpc_service_pb2_grpc as pb_grpc
 from nnserve.server.limits import MAX_RETRY_AFTER_MS, PUSHBACK_KEY, RETRY_AFTER_KEY
+from nnserve.server.timing import TIMING_PARAMETER, read_timing
 from tests.conftest import (
     infer_request,
     output_arrays,
@@ -37,6 +46,11 @@ QUEUE = 16
 WAVES = 24
 WAVE_SIZE = 64
 WAVE_INTERVAL_S = 0.1
+OUTSTANDING = 256
+"""Most requests the load generator has unanswered: never reached while the server refuses as fast as it is offered
+(~100 outstanding), it keeps a server that a busy machine starves of CPU from being pushed past HTTP/2's stream
+limit too (1024 calls, then REFUSED_STREAM: another refusal, not the one under test), and bounds what sits in
+transport buffers (32 MiB)."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +60,15 @@ class Answer:
     details: str
     trailers: dict[str, str]
     output: np.ndarray | None
+    timing: dict[str, int | str]
+    """The server's timing of an accepted request (queue_us, compute_infer_us, ...); {} for a refused one."""
+
+
+def timed_request(x: np.ndarray) -> pb.ModelInferRequest:
+    """A request that asks for its timing, so that its answer says where its time went on the server."""
+    request = infer_request("slow", {"input": x})
+    request.parameters[TIMING_PARAMETER].bool_param = True
+    return request
 
 
 def rss_mib(pid: int) -> float:
@@ -63,22 +86,34 @@ async def _one(stub: pb_grpc.GRPCInferenceServiceStub, request: object) -> Answe
         response = await call
     except grpc.aio.AioRpcError as error:
         trailers = {k: v for k, v in (error.trailing_metadata() or ()) if isinstance(v, str)}
-        return Answer(error.code(), time.monotonic() - started, error.details() or "", trailers, None)
-    return Answer(grpc.StatusCode.OK, time.monotonic() - started, "", {}, output_arrays(response)["output"])
+        return Answer(error.code(), time.monotonic() - started, error.details() or "", trailers, None, {})
+    return Answer(grpc.StatusCode.OK, time.monotonic() - started, "", {}, output_arrays(response)["output"],
+                  read_timing(response.parameters))
 
 
-async def _waves(address: str, x: np.ndarray) -> list[Answer]:
-    """WAVES waves of WAVE_SIZE concurrent requests, one every WAVE_INTERVAL_S (open loop: never waits for answers)."""
-    request = infer_request("slow", {"input": x})
+async def _waves(address: str, x: np.ndarray) -> tuple[Answer, list[Answer]]:
+    """One request to connect, then WAVES waves of WAVE_SIZE concurrent requests, one every WAVE_INTERVAL_S (open
+    loop: never waits for answers, unless OUTSTANDING are unanswered); the first answer and those of the waves."""
+    request = timed_request(x)
     options = [("grpc.max_send_message_length", 256 << 20), ("grpc.max_receive_message_length", 256 << 20)]
+    slots = asyncio.Semaphore(OUTSTANDING)
+
+    async def one_slot(stub: pb_grpc.GRPCInferenceServiceStub) -> Answer:
+        try:
+            return await _one(stub, request)
+        finally:
+            slots.release()
+
     async with grpc.aio.insecure_channel(address, options=options) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        await stub.ModelInfer(request, timeout=30)  # connect and warm up
+        connected = await _one(stub, request)
         tasks: list[asyncio.Task[Answer]] = []
         for _ in range(WAVES):
-            tasks.extend(asyncio.ensure_future(_one(stub, request)) for _ in range(WAVE_SIZE))
+            for _ in range(WAVE_SIZE):
+                await slots.acquire()
+                tasks.append(asyncio.ensure_future(one_slot(stub)))
             await asyncio.sleep(WAVE_INTERVAL_S)
-        return list(await asyncio.gather(*tasks))
+        return connected, list(await asyncio.gather(*tasks))
 
 
 def test_overload_is_refused_fast_with_a_retry_hint_while_accepted_requests_keep_their_latency_and_memory_stays_bounded(
@@ -88,15 +123,17 @@ def test_overload_is_refused_fast_with_a_retry_hint_while_accepted_requests_keep
     config = {"max_batch_size": ROWS, "instances": 1, "dynamic_batching": {"max_queue_size": QUEUE}}
     write_model(repo, "slow", slow_model(WIDTH, 32), config=config)
     x = np.random.default_rng(0).standard_normal((ROWS, WIDTH)).astype(np.float32)
-    with serve_process(repo, tmp_path / "serve.log", "--device", "cpu", "--intra-op-threads", "1") as server:
+    # The stream limit is named: OUTSTANDING calls must never meet it (a default derived from the memory might).
+    with serve_process(repo, tmp_path / "serve.log", "--device", "cpu", "--intra-op-threads", "1",
+                       "--max-concurrent-streams", "1024") as server:
         with grpc.insecure_channel(server.address) as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
-            expected = output_arrays(stub.ModelInfer(infer_request("slow", {"input": x}), timeout=30))["output"]
-            started = time.monotonic()
-            for _ in range(10):
-                stub.ModelInfer(infer_request("slow", {"input": x}), timeout=30)
-            alone_s = (time.monotonic() - started) / 10  # one request with nothing else queued
-        asyncio.run(_waves(server.address, x))  # a first burst: allocator arenas and grpc buffers reach their size
+            first = stub.ModelInfer(timed_request(x), timeout=30)
+            expected = output_arrays(first)["output"]
+            warm_up = [read_timing(first.parameters)]
+        connected, burst = asyncio.run(_waves(server.address, x))  # a first burst: allocator arenas, grpc buffers
+        warm_up += [a.timing for a in [connected, *burst] if a.code == grpc.StatusCode.OK]
+        refused_in_burst = sum(a.code == grpc.StatusCode.RESOURCE_EXHAUSTED for a in burst)
         warm_rss = rss_mib(server.process.pid)
         peak = [warm_rss]
         sampling = threading.Event()
@@ -108,10 +145,15 @@ def test_overload_is_refused_fast_with_a_retry_hint_while_accepted_requests_keep
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
-        answers = asyncio.run(_waves(server.address, x))
+        connected, answers = asyncio.run(_waves(server.address, x))
+        assert connected.code == grpc.StatusCode.OK, connected.details
+        warm_up.append(connected.timing)  # the measured run's first request, alone: a success before the waves
         sampling.set()
         sampler.join()
         after_rss = rss_mib(server.process.pid)
+        with grpc.insecure_channel(server.address) as channel:
+            stats = pb_grpc.GRPCInferenceServiceStub(channel).ModelStatistics(
+                pb.ModelStatisticsRequest(name="slow"), timeout=30).model_stats[0]
         server.terminate()
         assert server.process.wait(timeout=30) == 0
 
@@ -123,14 +165,23 @@ def test_overload_is_refused_fast_with_a_retry_hint_while_accepted_requests_keep
     assert len(accepted) >= WAVES  # the model keeps working through the overload
     for answer in accepted:
         np.testing.assert_allclose(answer.output, expected, atol=1e-5)  # exact rows, however busy
+        assert (answer.timing["batch_requests"], answer.timing["batch_rows"]) == (1, ROWS)  # one execution each
 
-    # Accepted requests waited for at most the queue ahead of them: bounded by the queue size, not the offered load.
-    bound_s = (QUEUE + 2) * alone_s * 3 + 0.5
-    worst_accepted = max(a.latency_s for a in accepted)
-    assert worst_accepted < bound_s, (worst_accepted, bound_s, alone_s)
-    # Refusals are immediate: far below one queue's worth of work.
-    refusal_p95 = sorted(a.latency_s for a in rejected)[int(0.95 * len(rejected))]
-    assert refusal_p95 < min(bound_s / 2, 0.5), (refusal_p95, alone_s)
+    # Each execution's time, as the server measured it (every success of the run: the warm-up's too).
+    computes_us = [int(t["compute_infer_us"]) for t in warm_up + [a.timing for a in accepted]]
+    assert stats.inference_stats.success.count == len(computes_us)
+    fastest_us, slowest_us = min(computes_us), max(computes_us)
+
+    # Accepted requests waited for at most the queue ahead of them, however much more was offered: a full queue of
+    # QUEUE requests and the one executing, each at most the slowest execution, and as much again for the hand-offs
+    # between them (the loop also refuses a wave of 64 every 100 ms). Measured: 5-6 slowest executions.
+    worst_wait_us = max(int(a.timing["queue_us"]) for a in accepted)
+    assert worst_wait_us <= 2 * (QUEUE + 1) * slowest_us, (worst_wait_us, slowest_us)
+    # Refusals are immediate: the server spends less on one than on the quickest execution.
+    fail = stats.inference_stats.fail
+    assert fail.count == refused_in_burst + len(rejected)  # every refusal, and nothing else, failed
+    refusal_us = fail.ns / fail.count / 1000
+    assert refusal_us < fastest_us, (refusal_us, fastest_us)
 
     for answer in rejected:
         assert "is full (max_queue_size 16 requests)" in answer.details
@@ -138,11 +189,12 @@ def test_overload_is_refused_fast_with_a_retry_hint_while_accepted_requests_keep
         hint = int(answer.trailers[RETRY_AFTER_KEY])
         assert 1 <= hint <= MAX_RETRY_AFTER_MS
         assert answer.trailers[PUSHBACK_KEY] == answer.trailers[RETRY_AFTER_KEY]
-    # The hint estimates the queue's drain time: about QUEUE executions of one request each.
-    median_hint = sorted(int(a.trailers[RETRY_AFTER_KEY]) for a in rejected)[len(rejected) // 2]
-    assert median_hint <= 10 * QUEUE * alone_s * 1000 + 50, (median_hint, alone_s)
+        # The hint estimates the full queue's drain time: QUEUE executions, each as long as the mean so far.
+        lowest = min(MAX_RETRY_AFTER_MS, max(1, math.floor(QUEUE * fastest_us / 1000)))
+        assert lowest <= hint <= math.ceil(QUEUE * (slowest_us + 1) / 1000), (hint, fastest_us, slowest_us)
 
-    # Memory: 3 MB/s of requests were offered for 2.4 s; only what fits the queue is ever held.
+    # Memory: 80 MiB/s of requests were offered for 2.4 s; only what fits the queue (and the generator's outstanding
+    # requests, in transport buffers) is ever held.
     assert peak[0] - warm_rss < 96, (warm_rss, peak[0])
     assert after_rss - warm_rss < 48, (warm_rss, after_rss)
 

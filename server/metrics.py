@@ -24,6 +24,7 @@ import logging
 import os
 import re
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -389,12 +390,25 @@ class AggregatedCollector(Collector):
         live = [pid for pid in pids if _alive(pid)]
         for pid in set(pids) - set(live):
             mark_process_dead(pid, self._directory)  # drops the dead worker's live* gauges, keeps its counters
-        files = glob.glob(os.path.join(self._directory, "*.db"))
-        yield from MultiProcessCollector.merge(files, accumulate=True)
+        yield from self._merged()
         workers = GaugeMetricFamily("nnserve_workers", "Live worker processes writing metrics.")
         workers.add_metric([], len(live))
         yield workers
         yield from _worker_process_metrics(live)
+
+    def _merged(self, attempts: int = 5) -> list[Metric]:
+        """The workers' files merged. A worker may be extending its file while it is read (seen on a busy machine as
+        a scrape failing with 500 while the workers started): a read that fails is tried again a moment later."""
+        for attempt in range(attempts):
+            files = glob.glob(os.path.join(self._directory, "*.db"))
+            try:
+                return list(MultiProcessCollector.merge(files, accumulate=True))
+            except Exception:
+                if attempt == attempts - 1:
+                    raise
+                log.debug("merging the workers' metrics files failed; reading them again", exc_info=True)
+                time.sleep(0.01 * (attempt + 1))
+        return []  # pragma: no cover
 
 
 def _worker_process_metrics(pids: list[int]) -> list[Metric]:

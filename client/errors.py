@@ -28,7 +28,9 @@ class InvalidInputError(InferenceError):
 
 
 class ServerOverloadedError(InferenceError):
-    """The server rejected the request because its queue is full; back off and retry (RESOURCE_EXHAUSTED)."""
+    """The server rejected the request because its queue or its in-flight memory budget is full; back off and retry
+    (RESOURCE_EXHAUSTED). Also a message over a size limit, or a request larger than the whole budget: those never
+    succeed as sent (the message says which), and the SDK does not retry them."""
 
 
 class DeadlineExceededError(InferenceError):

@@ -19,13 +19,17 @@ from nnserve.client.errors import InferenceError
 RETRYABLE_CODES: frozenset[grpc.StatusCode] = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED}
 )
-"""UNAVAILABLE (not reachable, restarting, draining) and RESOURCE_EXHAUSTED (queue full): the request was not run.
+"""UNAVAILABLE (not reachable, restarting, draining) and RESOURCE_EXHAUSTED (queue full, in-flight memory budget
+full): the request was not run.
 CANCELLED, which a client that did not cancel gets when a server shuts down: gRPC cancels the calls it had received
 but not yet handed to the server's code (and, after a drain's grace period, calls still running); the next attempt
 goes to another replica, or fails UNAVAILABLE. This client never cancels a call it is waiting for itself."""
 
 # gRPC's text when a message exceeds a size limit (client or server side); it also comes as RESOURCE_EXHAUSTED.
 _MESSAGE_TOO_LARGE = "larger than max"
+# nnserve's text when one request needs more than the server's whole in-flight memory budget: RESOURCE_EXHAUSTED like a
+# full budget, which is worth retrying, but this one never fits (`nnserve.server.inflight_budget.TOO_LARGE_FOR_BUDGET`).
+_BUDGET_TOO_LARGE = "larger than the server's whole in-flight budget"
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,8 +38,9 @@ class RetryPolicy:
 
     The default retries every RPC, inference included: the server rejects with these codes before running anything,
     and inference on a stateless model is idempotent anyway. A RESOURCE_EXHAUSTED caused by a message over a size
-    limit is never retried. Pass `RetryPolicy.disabled()` (or `retry=None` to a
-    client) where a second attempt is not wanted, e.g. when measuring overload.
+    limit, or by a request larger than the server's whole in-flight budget, is never retried. Pass
+    `RetryPolicy.disabled()` (or `retry=None` to a client) where a second attempt is not wanted, e.g. when measuring
+    overload.
     """
 
     max_attempts: int = 5
@@ -87,7 +92,7 @@ class Attempts:
         """Seconds to wait before retrying after `error`, or None when the call should fail with it now."""
         if error.code not in self._policy.retry_on or self._retries + 1 >= self._policy.max_attempts:
             return None
-        if _MESSAGE_TOO_LARGE in error.message:
+        if _MESSAGE_TOO_LARGE in error.message or _BUDGET_TOO_LARGE in error.message:
             return None  # RESOURCE_EXHAUSTED for an oversized message: the same request fails the same way again
         delay = self._policy.backoff_s(self._retries)
         if self._deadline is not None and time.monotonic() + delay >= self._deadline:

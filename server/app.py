@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import time
+from dataclasses import dataclass
 
 import grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
@@ -24,11 +25,14 @@ from nnserve.protos import grpc_service_pb2_grpc as pb_grpc
 from nnserve.server.dataplane import DataPlane
 from nnserve.server.decode_guard import GuardedRegistrar
 from nnserve.server.errors import DeviceUnavailableError, InvalidInputError
+from nnserve.server.frontends.grpc_payload import PayloadCodecs
 from nnserve.server.frontends.grpc_servicer import InferenceServicer
 from nnserve.server.frontends.rest import RestFrontend
 from nnserve.server.frontends.rest_http import HttpServer, listening_socket, server_ssl_context
 from nnserve.server.health import SERVICE_NAME as HEALTH_SERVICE
 from nnserve.server.health import HealthReporter
+from nnserve.server.inflight_budget import FLOOR_BYTES, default_limit, format_bytes, transport_limits
+from nnserve.server.memory_limit import MemoryLimit, container_memory, resident_bytes
 from nnserve.server.metrics import MetricsServer, MultiprocessWriter, ServingState, multiprocess_dir
 from nnserve.server.port_report import log_ports, port_report, remove_port_file, write_port_file
 from nnserve.server.providers import cuda_unavailable_reason
@@ -64,6 +68,7 @@ class InferenceServer:
         dataplane: DataPlane,
         health: HealthReporter,
         http: HttpServer | None = None,
+        plan: MemoryPlan | None = None,
     ) -> None:
         self.settings = settings
         self.port = port
@@ -72,7 +77,10 @@ class InferenceServer:
         self.health = health
         self.metrics: MetricsServer | None = None
         self.metrics_writer: MultiprocessWriter | None = None
-        self.metrics_state = ServingState(repository, dataplane.unrouted, lambda: dataplane.inflight)
+        self.metrics_state = ServingState(repository, dataplane.unrouted, lambda: dataplane.inflight,
+                                          dataplane.budget)
+        self.plan = plan or memory_plan(settings)
+        """The memory this process may use and the transport limits in force (derived where the settings say None)."""
         self._grpc = grpc_server
         self._http = http
         self.http_port: int | None = http.port if http is not None else None
@@ -111,6 +119,7 @@ class InferenceServer:
         entries = self.repository.entries()
         ready = [e for e in entries if e.state is ModelState.READY]
         log.info("loaded %d of %d models in %.1f s", len(ready), len(entries), time.monotonic() - started)
+        self._size_budget()
         for entry in entries:
             if entry.state is not ModelState.READY:
                 log.warning("model '%s' is UNAVAILABLE: %s", entry.name, entry.why_not_ready())
@@ -122,6 +131,25 @@ class InferenceServer:
             log.info("ready: serving on %s", address)
         else:
             log.warning("not ready (strict readiness: every model must be ready); serving the ready models anyway")
+
+    def _size_budget(self) -> None:
+        """Set the derived in-flight budget now that the models' resident size is known, and log the memory bounds."""
+        settings, budget, memory = self.settings, self.dataplane.budget, self.plan.memory
+        if settings.max_inflight_bytes is None:
+            resident = resident_bytes()
+            budget.limit = default_limit(memory.bytes, resident)
+            how = (f"half of the {format_bytes(memory.bytes)} this process may use ({memory.source}) after "
+                   f"{format_bytes(resident)} resident with the models loaded, at least {format_bytes(FLOOR_BYTES)}")
+        else:
+            how = "--max-inflight-bytes"
+        streams, message = self.plan.max_concurrent_streams, self.plan.max_message_bytes
+        derived = [flag for flag, value in (("--max-message-bytes", settings.max_message_bytes),
+                                            ("--max-concurrent-streams", settings.max_concurrent_streams))
+                   if value is None]
+        log.info("in-flight budget: %s of accepted, unanswered requests (%s); gRPC transport: %s messages x %d "
+                 "streams = %s per connection received before any handler runs%s", format_bytes(budget.limit), how,
+                 format_bytes(message), streams, format_bytes(message * streams),
+                 f" ({' and '.join(derived)} derived: a quarter of the memory per connection)" if derived else "")
 
     def _report_ports(self) -> None:
         """Every listener is bound: say where (log line, `--port-file`), before the models load.
@@ -201,22 +229,28 @@ async def create_server(settings: ServerSettings) -> tuple[InferenceServer, int]
         raise StartupError(f"--model-repository {settings.model_repository}: {exc}") from None
     log.info("model repository: %s", repository.layout.describe())
     dataplane = DataPlane(repository, settings)
+    plan = memory_plan(settings)
+    if settings.max_inflight_bytes is None:  # until the models are loaded and measured (InferenceServer.start)
+        dataplane.budget.limit = default_limit(plan.memory.bytes, resident_bytes())
+    message, streams = plan.max_message_bytes, plan.max_concurrent_streams
     servicer = InferenceServicer(dataplane)
     health = HealthReporter()
     grpc_server = grpc.aio.server(
         # Token scopes, on every call; no interceptor at all without tokens (each costs every call).
         interceptors=[] if tokens is None else [TokenGate(tokens)],
         options=[
-            ("grpc.max_receive_message_length", settings.max_message_bytes),
-            ("grpc.max_send_message_length", settings.max_message_bytes),
-            ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
+            ("grpc.max_receive_message_length", message),
+            ("grpc.max_send_message_length", message),
+            ("grpc.max_concurrent_streams", streams),
+            ("grpc.http.overload_protection", 0),
             # Fail loudly if another process holds the port instead of silently sharing it; only the workers of
             # `--workers N` share it, by design (nnserve.server.workers).
             ("grpc.so_reuseport", 1 if settings.reuse_port else 0),
         ]
     )
     registrar = GuardedRegistrar(grpc_server)  # INVALID_ARGUMENT for request bytes that do not parse
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, registrar)
+    # ModelInfer's messages parsed and written without copies of their tensors (grpc_payload), then guarded.
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, PayloadCodecs(registrar, INFERENCE_SERVICE))
     health.add_to_server(registrar)
     # The asyncio servicer named directly: enable_server_reflection picks it only for a grpc.aio.Server instance.
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
@@ -235,8 +269,8 @@ async def create_server(settings: ServerSettings) -> tuple[InferenceServer, int]
         else "TLS, client certificates required" if settings.tls_client_ca is not None else "TLS",
         "off" if tokens is None else f"on ({len(tokens)} tokens; grpc.health.v1 open to probes)",
     )
-    http = _http_frontend(settings, dataplane, tokens) if settings.http_port is not None else None
-    app = InferenceServer(settings, grpc_server, port, repository, dataplane, health, http)
+    http = _http_frontend(settings, dataplane, tokens, message) if settings.http_port is not None else None
+    app = InferenceServer(settings, grpc_server, port, repository, dataplane, health, http, plan)
     await health.set_server(False)
     await health.set_alive()
     repository.add_listener(health.on_model_change)
@@ -244,7 +278,29 @@ async def create_server(settings: ServerSettings) -> tuple[InferenceServer, int]
     return app, port
 
 
-def _http_frontend(settings: ServerSettings, dataplane: DataPlane, tokens: TokenTable | None) -> HttpServer:
+@dataclass(frozen=True)
+class MemoryPlan:
+    """The memory this process may use, and the transport limits that follow from it where not set explicitly."""
+
+    memory: MemoryLimit
+    max_message_bytes: int
+    max_concurrent_streams: int
+
+
+def memory_plan(settings: ServerSettings) -> MemoryPlan:
+    """What this process may use (the supervisor's share for a worker, else the cgroup limit, else the host's), and
+    the message and stream limits derived from it (`inflight_budget.transport_limits`) where the settings say None."""
+    if settings.memory_limit_bytes is not None:
+        memory = MemoryLimit(settings.memory_limit_bytes, "this worker's share of the container")
+    else:
+        memory = container_memory(settings.cgroup_root)
+    message, streams = transport_limits(memory.bytes, settings.max_message_bytes, settings.max_concurrent_streams)
+    return MemoryPlan(memory, message, streams)
+
+
+def _http_frontend(
+    settings: ServerSettings, dataplane: DataPlane, tokens: TokenTable | None, max_body_bytes: int
+) -> HttpServer:
     """The REST frontend on its bound socket (bound here, like gRPC's port, so a taken port stops the start)."""
     host = settings.http_host or settings.host
     assert settings.http_port is not None
@@ -257,7 +313,7 @@ def _http_frontend(settings: ServerSettings, dataplane: DataPlane, tokens: Token
     if settings.tls_cert is not None and settings.tls_key is not None:
         client_ca = str(settings.tls_client_ca) if settings.tls_client_ca is not None else None
         context = server_ssl_context(str(settings.tls_cert), str(settings.tls_key), client_ca)
-    frontend = RestFrontend(dataplane, tokens=tokens, max_body_bytes=settings.max_message_bytes)
+    frontend = RestFrontend(dataplane, tokens=tokens, max_body_bytes=max_body_bytes)
     return HttpServer(frontend, sock, context)
 
 

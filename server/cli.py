@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -79,6 +80,27 @@ def _buckets(text: str) -> tuple[float, ...]:
     return validate_buckets(bounds)
 
 
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*(?:([kmgt])i?)?b?")
+_SIZE_UNITS = {None: 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def _size(text: str) -> int | None:
+    """Bytes, optionally with a binary unit (512Mi, 2GiB, 4G: all powers of 1024); `auto` for the derived default."""
+    value = text.strip().lower()
+    if value == "auto":
+        return None
+    match = _SIZE.fullmatch(value)
+    if match is None:
+        raise ValueError("expected a number of bytes, optionally with a unit (e.g. 1073741824, 512Mi, 2GiB), or auto")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
+
+
+def _optional_count(text: str) -> int | None:
+    if text.strip().lower() == "auto":
+        return None
+    return _count(text)
+
+
 def _optional_port(text: str) -> int | None:
     if text.strip().lower() in ("off", "none", "disabled", "-1"):
         return None
@@ -141,8 +163,9 @@ OPTIONS: tuple[_Option, ...] = (
             "ready only when every model is ready (true/false)", "BOOL"),
     _Option("grace_period_s", "--grace-period", _seconds,
             "seconds to finish accepted requests after SIGTERM/SIGINT", "SECONDS"),
-    _Option("max_message_bytes", "--max-message-bytes", _count,
-            "largest gRPC message received or sent (larger: RESOURCE_EXHAUSTED)", "BYTES"),
+    _Option("max_message_bytes", "--max-message-bytes", _size,
+            "largest gRPC message received or sent, and HTTP body (larger: RESOURCE_EXHAUSTED, 413)", "BYTES",
+            default_text="auto: 100 of them fit a quarter of the memory per worker, 1Mi to 64Mi"),
     _Option("max_request_rows", "--max-request-rows", _count,
             "most rows in one request to a batched model, whatever its max_batch_size", "ROWS"),
     _Option("max_tensor_dims", "--max-tensor-dims", _count, "most dimensions of one request tensor", "N"),
@@ -150,8 +173,18 @@ OPTIONS: tuple[_Option, ...] = (
             "most elements of one request tensor (and largest single dimension)", "N"),
     _Option("max_inputs_per_request", "--max-inputs-per-request", _count,
             "most inputs (and raw contents entries, and requested outputs) in one request", "N"),
-    _Option("max_concurrent_streams", "--max-concurrent-streams", _count,
-            "most calls in flight on one client connection (HTTP/2); the excess is refused (UNAVAILABLE)", "N"),
+    _Option("max_concurrent_streams", "--max-concurrent-streams", _optional_count,
+            "most calls in flight on one client connection (HTTP/2; clients queue the excess); gRPC receives each "
+            "message whole before a handler runs, so a connection holds up to this x --max-message-bytes", "N",
+            default_text="auto: a quarter of the memory per worker / --max-message-bytes, 100 to 1024"),
+    _Option("max_inflight_bytes", "--max-inflight-bytes", _size,
+            "budget for the bytes of accepted, unanswered inference requests (messages, decoded inputs, batch "
+            "copies, outputs), per worker; beyond it requests get RESOURCE_EXHAUSTED (HTTP 429) at once", "BYTES",
+            default_text="auto: half the container's memory per worker after the models' resident size, "
+                         "at least 32Mi"),
+    _Option("cgroup_root", "--cgroup-root", _path,
+            "where the cgroup files giving the container's memory limit are read (memory.max, v1 "
+            "memory.limit_in_bytes), for the auto defaults", "DIR"),
     _Option("tls_cert", "--tls-cert", _path, "PEM server certificate (chain): serve gRPC over TLS (with --tls-key)",
             "FILE"),
     _Option("tls_key", "--tls-key", _path, "PEM private key of --tls-cert", "FILE"),

@@ -4,17 +4,19 @@ A frontend turns its request into an `InferenceRequest` (tensors whose data it k
 calls `DataPlane.infer` with an encoder for its own response type, and maps the `ServingError` it may raise through
 its status table (`nnserve.server.frontends.status`). Everything else lives here once: draining and the count of
 accepted requests, version lookup, decoding and checking every input in one pass, the executor, requested
-outputs, statistics, per-request timing, the retry hint of a full queue, and failures counted for requests that
-never reached a version. Nothing here imports grpc or an HTTP library.
+outputs, statistics, per-request timing, the in-flight byte budget (`inflight_budget`: what each request reserves,
+and when it is given back), the retry hint of a full queue or budget, and failures counted for requests that never
+reached a version. Nothing here imports grpc or an HTTP library.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
@@ -26,12 +28,15 @@ from nnserve.server.errors import (
     InvalidInputError,
     ModelNotFoundError,
     ModelNotReadyError,
+    OverBudgetError,
     QueueFullError,
     RepositoryControlError,
     RequestCancelledError,
+    RequestTooLargeError,
     ServerUnavailableError,
     ServingError,
 )
+from nnserve.server.inflight_budget import FLOOR_BYTES, CostTable, InflightBudget, output_bytes
 from nnserve.server.limits import MAX_RETRY_AFTER_MS, MIN_RETRY_AFTER_MS, RequestLimits, clip
 from nnserve.server.repository import IndexRow, ModelEntry, ModelRepository, ServedVersion
 from nnserve.server.settings import ServerSettings
@@ -54,6 +59,8 @@ FAILURE_REASONS: dict[type[ServingError], str] = {
     InvalidInputError: "invalid",
     ModelNotFoundError: "not_found",
     ModelNotReadyError: "not_ready",
+    OverBudgetError: "over_budget",
+    RequestTooLargeError: "over_budget",
     QueueFullError: "rejected",
     DeadlineExpiredError: "deadline",
     RequestCancelledError: "cancelled",
@@ -78,9 +85,20 @@ class TensorData(Protocol):
         ...
 
 
+SERIALIZED_COPIES = 2
+"""An output is held twice until its request is answered: as the model's array, and in the response's bytes."""
+DEFER_RELEASE_MIN_BYTES = 1 << 20
+"""Reservations at least this large are kept until the frontend says the response has left (`on_answered`), so that
+responses still being sent count against the budget; smaller ones are released when `infer` returns."""
+
+
 @dataclass(frozen=True, slots=True)
 class RawData:
-    """Little-endian bytes in row-major order: gRPC raw contents, and HTTP binary tensor data (viewed, not copied)."""
+    """Little-endian bytes in row-major order: gRPC raw contents, and HTTP binary tensor data (viewed, not copied).
+
+    The array is a view of these bytes, so it costs the budget nothing beyond the request's own `wire_bytes`; any
+    other TensorData's array is a copy and is counted, with `held_bytes_per_value` per value when its class sets it
+    (what the frontend's own form of the values holds until the request is answered, e.g. JSON's Python numbers)."""
 
     data: bytes | bytearray | memoryview
 
@@ -122,6 +140,12 @@ class InferenceRequest:
     invalid: str | None = None
     """Why the frontend could not translate the request (e.g. raw contents that do not pair with the inputs): the
     request is then refused as invalid after routing, so that its model's statistics count it like any other."""
+    wire_bytes: int = 0
+    """Bytes the frontend holds for this request until it is answered: its message or body as received (and any
+    parsed copy of it), counted against the in-flight budget."""
+    on_answered: Callable[[Callable[..., object]], object] | None = None
+    """When set, how the frontend runs a callback once the response has been sent (gRPC: the call's done
+    callbacks); large reservations are then released at that moment rather than when `infer` returns."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +181,9 @@ class DataPlane:
         self.repository = repository
         self.settings = settings
         self.limits = RequestLimits.from_settings(settings)
+        self.budget = InflightBudget(settings.max_inflight_bytes or FLOOR_BYTES)
+        """The in-flight byte budget; a derived default limit is set at start, once the models are loaded."""
+        self._costs = CostTable()
         self.unrouted = UnroutedRequests()
         """Requests that failed before reaching a served version (for the metrics)."""
         self.draining = False
@@ -255,60 +282,114 @@ class DataPlane:
 
     # -- inference -------------------------------------------------------------------------------------------
 
-    async def infer(self, request: InferenceRequest, encoder: ResponseEncoder[R], started: int) -> R:
+    def hold(self, model: str, version: str, nbytes: int | None, started: int) -> int:
+        """Reserve a body's declared length before it is read (HTTP's Content-Length), refused as `infer` would.
+
+        Returns the bytes held, which `infer(..., held_bytes=...)` takes over (and releases); a frontend that does
+        not reach `infer` gives them back with `budget.release`. Nothing is held for a request that would not route
+        or while draining: `infer` refuses those after the body is read, with their own status.
+        """
+        if not nbytes or self.draining:
+            return 0
+        try:
+            served = self.repository.get(model, version)
+        except ServingError:
+            return 0
+        try:
+            self.budget.reserve(nbytes)
+        except (OverBudgetError, RequestTooLargeError) as exc:
+            served.stats.record_failure("over_budget", time.perf_counter_ns() - started)
+            self._retry_hint(exc, served)
+            raise
+        return nbytes
+
+    async def infer(
+        self, request: InferenceRequest, encoder: ResponseEncoder[R], started: int, held_bytes: int = 0
+    ) -> R:
         """Run one request and encode its response; `started` is `time.perf_counter_ns()` at receipt.
 
-        Raises ServingError (draining included) for the frontend's status table; a QueueFullError carries
-        `retry_after_ms`.
+        `held_bytes` were reserved for it by `hold`; they are released with the rest of its reservation. Raises
+        ServingError (draining included) for the frontend's status table; a QueueFullError (a full queue, or the
+        in-flight budget: OverBudgetError) carries `retry_after_ms`.
         """
         if self.draining:
+            self.budget.release(held_bytes)
             self.unrouted.record(*self._bounded_labels(request.model, request.version), "unavailable")
             raise ServerUnavailableError(SHUTTING_DOWN)
         self._inflight += 1
         self.accepted_total += 1
         self._idle.clear()
         try:
-            return await self._infer(request, encoder, started)
+            return await self._infer(request, encoder, started, held_bytes)
         finally:
             self._inflight -= 1
             if self._inflight == 0:
                 self._idle.set()
 
-    async def _infer(self, request: InferenceRequest, encoder: ResponseEncoder[R], started: int) -> R:
+    async def _infer(self, request: InferenceRequest, encoder: ResponseEncoder[R], started: int, held: int) -> R:
+        reserved = held  # bytes of the budget this request holds; given back in `finally` unless handed over
         try:
-            served = self.repository.get(request.model, request.version)
-        except ServingError as exc:
-            self.unrouted.record(*self._bounded_labels(request.model, request.version), failure_reason(exc))
-            raise
-        stats = served.stats
-        signature = served.runner.signature
-        expires = request.deadline
-        try:
-            expires = self._deadline(request)
-            inputs, rows = decode_inputs(request, signature, self.limits)
-            names = requested_outputs(request.outputs, signature, self.limits)
-            decoded = time.perf_counter_ns()
             try:
-                outcome = await served.executor.submit(inputs, deadline=expires)
-            except QueueFullError as exc:
-                exc.retry_after_ms = retry_after_ms(served)  # type: ignore[attr-defined]
+                served = self.repository.get(request.model, request.version)
+            except ServingError as exc:
+                self.unrouted.record(*self._bounded_labels(request.model, request.version), failure_reason(exc))
                 raise
-            computed = time.perf_counter_ns()
-            result = InferenceResult(served.name, served.version_text, request.id,
-                                     select_outputs(outcome.outputs, names, signature))
-            response = encoder.encode(result)
-        except ServingError as exc:
-            stats.record_failure(failure_reason(exc), time.perf_counter_ns() - started)
-            raise
-        except asyncio.CancelledError:
-            # The frontend cancels the handler when the caller goes away or its deadline passes, often before the
-            # batcher's own timer fires.
-            expired = expires is not None and time.monotonic() >= expires
-            stats.record_failure("deadline" if expired else "cancelled", time.perf_counter_ns() - started)
-            raise
-        except Exception:
-            stats.record_failure("internal", time.perf_counter_ns() - started)
-            raise
+            stats = served.stats
+            signature = served.runner.signature
+            expires = request.deadline
+            try:
+                expires = self._deadline(request)
+                inputs, rows, input_bytes, copied = decode_inputs(request, signature, self.limits)
+                names = requested_outputs(request.outputs, signature, self.limits)
+                cost = self._costs.get(served)
+                # Outputs twice: the arrays, and the response they are serialized into. Outputs the signature cannot
+                # size are estimated as large as the inputs, and corrected once they exist.
+                outputs_reserved = SERIALIZED_COPIES * (cost.output_bytes * (rows or 1)
+                                                        + cost.open_outputs * input_bytes)
+                need = request.wire_bytes + copied + outputs_reserved + (input_bytes if cost.merges else 0)
+                if need > reserved:
+                    try:
+                        self.budget.reserve(need - reserved)
+                    except (OverBudgetError, RequestTooLargeError) as exc:
+                        self._retry_hint(exc, served)
+                        raise
+                    reserved = need
+                decoded = time.perf_counter_ns()
+                try:
+                    outcome = await served.executor.submit(inputs, deadline=expires)
+                except QueueFullError as exc:
+                    exc.retry_after_ms = retry_after_ms(served)  # type: ignore[attr-defined]
+                    raise
+                del inputs  # the batcher is done with the arrays; the frontend's bytes are all that is left
+                if cost.open_outputs:  # the estimate of the outputs the signature could not size, made exact
+                    produced = SERIALIZED_COPIES * output_bytes(outcome.outputs) - outputs_reserved
+                    if produced > 0:
+                        self.budget.grow(produced)
+                    else:
+                        self.budget.release(-produced)
+                    reserved += produced
+                computed = time.perf_counter_ns()
+                result = InferenceResult(served.name, served.version_text, request.id,
+                                         select_outputs(outcome.outputs, names, signature))
+                response = encoder.encode(result)
+                if reserved >= DEFER_RELEASE_MIN_BYTES and request.on_answered is not None:
+                    request.on_answered(functools.partial(_release, self.budget, reserved))
+                    reserved = 0
+            except ServingError as exc:
+                stats.record_failure(failure_reason(exc), time.perf_counter_ns() - started)
+                raise
+            except asyncio.CancelledError:
+                # The frontend cancels the handler when the caller goes away or its deadline passes, often before
+                # the batcher's own timer fires.
+                expired = expires is not None and time.monotonic() >= expires
+                stats.record_failure("deadline" if expired else "cancelled", time.perf_counter_ns() - started)
+                raise
+            except Exception:
+                stats.record_failure("internal", time.perf_counter_ns() - started)
+                raise
+        finally:
+            if reserved:
+                self.budget.release(reserved)
         done = time.perf_counter_ns()
         timing = RequestTiming(
             total_ns=done - started,
@@ -323,6 +404,14 @@ class DataPlane:
         if request.timing:
             encoder.add_timing(response, timing, served.runner.provider)
         return response
+
+    def _retry_hint(self, exc: ServingError, served: ServedVersion) -> None:
+        """The hint of a budget refusal: how long the longest queue of any model takes to drain (the bytes are held
+        by queued and running requests, of any model); none for a request that can never fit."""
+        if isinstance(exc, OverBudgetError):
+            waits = [retry_after_ms(s) for e in self.repository.entries() for s in e.served_versions
+                     if s.executor.queue_depth or s is served]
+            exc.retry_after_ms = max(waits, default=MIN_RETRY_AFTER_MS)  # type: ignore[attr-defined]
 
     def _deadline(self, request: InferenceRequest) -> float | None:
         """The earlier of the caller's deadline and the request's `timeout` parameter (microseconds)."""
@@ -352,8 +441,9 @@ class DataPlane:
 
 def decode_inputs(
     request: InferenceRequest, signature: Signature, limits: RequestLimits
-) -> tuple[dict[str, np.ndarray], int]:
-    """Validated numpy arrays for a request's inputs, and the batch rows (0 when the model does not batch).
+) -> tuple[dict[str, np.ndarray], int, int, int]:
+    """Validated numpy arrays for a request's inputs, the batch rows (0 when the model does not batch), the bytes
+    of the arrays, and the bytes they hold beyond the request's own (arrays that are not views of RawData).
 
     The order of the checks is the order of the messages a client sees: counts, names, what the frontend could
     not translate, then each input's datatype, shape and data."""
@@ -368,6 +458,7 @@ def decode_inputs(
         raise InvalidInputError(request.invalid)
     arrays: dict[str, np.ndarray] = {}
     rows = -1
+    total = copied = 0
     for tensor in tensors:
         spec = signature.inputs_by_name[tensor.name]
         if tensor.datatype != spec.datatype:
@@ -377,7 +468,11 @@ def decode_inputs(
             )
         shape = tensor.shape
         count = check_input_shape(spec, shape, signature, limits)
-        array = tensor.data.to_array(spec, shape, count)
+        data = tensor.data
+        array = data.to_array(spec, shape, count)
+        total += array.nbytes
+        if type(data) is not RawData:
+            copied += array.nbytes + count * getattr(data, "held_bytes_per_value", 0)
         if signature.max_batch_size:
             if rows == -1:
                 rows = shape[0]
@@ -387,7 +482,7 @@ def decode_inputs(
                     "every input of a request must carry the same number of rows"
                 )
         arrays[spec.name] = array
-    return arrays, max(rows, 0)
+    return arrays, max(rows, 0), total, copied
 
 
 def requested_outputs(names: Sequence[str], signature: Signature, limits: RequestLimits) -> tuple[str, ...]:
@@ -432,6 +527,10 @@ def retry_after_ms(served: ServedVersion) -> int:
     executions = math.ceil(served.executor.queue_depth / per_execution)
     estimate_ms = executions * batch_s * 1000 / max(1, served.batching.instances)
     return int(min(MAX_RETRY_AFTER_MS, max(MIN_RETRY_AFTER_MS, math.ceil(estimate_ms))))
+
+
+def _release(budget: InflightBudget, nbytes: int, *_called_with: object) -> None:
+    budget.release(nbytes)
 
 
 def _shape(shape: Sequence[int]) -> str:

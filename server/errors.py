@@ -27,6 +27,16 @@ class QueueFullError(ServingError):
     """The model's queue is at its bound; the client should back off and retry."""
 
 
+class OverBudgetError(QueueFullError):
+    """The server's in-flight byte budget has no room for the request now (`--max-inflight-bytes`); like a full
+    queue, the client should back off and retry."""
+
+
+class RequestTooLargeError(ServingError):
+    """The request alone needs more memory than the server's whole in-flight budget: it can never be accepted, so
+    retrying it is pointless (the message says so)."""
+
+
 class DeadlineExpiredError(ServingError):
     """The caller's deadline passed before the request could run; it was not executed."""
 

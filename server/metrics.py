@@ -37,6 +37,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from nnserve import __version__
+from nnserve.server.inflight_budget import InflightBudget
 from nnserve.server.repository import ModelRepository, ModelState, ServedVersion
 from nnserve.server.statistics import FAILURE_REASONS, Histogram, StatisticsRecorder, UnroutedRequests
 
@@ -54,6 +55,8 @@ GAUGE_MODES: dict[str, str] = {
     "nnserve_queue_capacity": "livesum",
     "nnserve_inflight_batches": "livesum",
     "nnserve_inflight_requests": "livesum",
+    "nnserve_inflight_bytes": "livesum",
+    "nnserve_inflight_bytes_limit": "livesum",
     "nnserve_model_ready": "livemin",
     "nnserve_model_parameters": "livemax",
     "nnserve_model_weight_bytes": "livemax",
@@ -70,11 +73,13 @@ workers count: a dead worker's gauges are dropped."""
 
 @dataclass(frozen=True)
 class ServingState:
-    """What the metrics are built from: the repository, failures before routing, and the in-flight request count."""
+    """What the metrics are built from: the repository, failures before routing, the in-flight request count and
+    the in-flight byte budget."""
 
     repository: ModelRepository
     unrouted: UnroutedRequests
     inflight: Callable[[], int]
+    budget: InflightBudget | None = None
 
 
 # -- building the families ---------------------------------------------------------------------------------------
@@ -90,6 +95,9 @@ def serving_metrics(state: ServingState, recorders: list[StatisticsRecorder] | N
     families.add_executors(state.repository)
     families.add_readiness(state.repository)
     families.inflight_requests.add_metric([], state.inflight())
+    if state.budget is not None:
+        families.inflight_bytes.add_metric([], state.budget.used)
+        families.inflight_bytes_limit.add_metric([], state.budget.limit)
     families.build.add_metric(["nnserve", __version__], 1.0)
     return families.all()
 
@@ -155,6 +163,12 @@ class _Families:
             "onnxruntime build with CUDA) but runs on another provider.", labels=labels)
         self.inflight_requests = GaugeMetricFamily(
             "nnserve_inflight_requests", "Inference requests accepted and not yet answered, over all models.")
+        self.inflight_bytes = GaugeMetricFamily(
+            "nnserve_inflight_bytes", "Bytes reserved by accepted, unanswered inference requests (their messages, "
+            "decoded inputs, batch copies and outputs), over all models: what --max-inflight-bytes bounds.")
+        self.inflight_bytes_limit = GaugeMetricFamily(
+            "nnserve_inflight_bytes_limit", "The in-flight byte budget (--max-inflight-bytes, or its derived "
+            "default); requests beyond it are refused with outcome over_budget.")
         self.build = GaugeMetricFamily("nnserve_build_info", "nnserve build (always 1).", labels=["name", "version"])
 
     def all(self) -> list[Metric]:

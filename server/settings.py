@@ -89,8 +89,10 @@ class ServerSettings:
     """On SIGTERM/SIGINT, how long accepted requests may take to finish before the process exits.
     Keep it below Kubernetes' terminationGracePeriodSeconds (30 s by default)."""
 
-    max_message_bytes: int = 64 * MiB
-    """Largest gRPC message received or sent; larger ones fail with RESOURCE_EXHAUSTED."""
+    max_message_bytes: int | None = None
+    """Largest gRPC message received or sent (and HTTP body); larger ones fail with RESOURCE_EXHAUSTED (413). None:
+    derived at start so that 100 of them fit a quarter of the memory (per worker), 1 to 64 MiB
+    (`inflight_budget.transport_limits`): 64 MiB from 25.6 GiB of memory up."""
 
     max_request_rows: int = 1 << 16
     """Most rows (dimension 0) of one request to a batched model, whatever a model's max_batch_size allows."""
@@ -104,10 +106,27 @@ class ServerSettings:
     max_inputs_per_request: int = 64
     """Most inputs (and raw_input_contents entries, and requested outputs) in one request."""
 
-    max_concurrent_streams: int = 1024
-    """Most calls in flight on one client connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS). gRPC clients do not
-    queue beyond it: the server refuses the excess (REFUSED_STREAM), which a client sees as UNAVAILABLE, retryable.
-    1024 matches the default max_queue_size, so only a connection that alone could fill a model's queue is held back."""
+    max_concurrent_streams: int | None = None
+    """Most calls in flight on one client connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS); gRPC clients queue
+    the excess (or see it refused, REFUSED_STREAM, as UNAVAILABLE, retryable). gRPC receives a unary message whole
+    before any handler runs, so one connection can hold max_message_bytes x this many bytes that no budget has
+    seen yet. None: derived at start so that this product fits a quarter of the memory (per worker): memory / 4 /
+    max_message_bytes, within [100, 1024] (`inflight_budget.transport_limits`)."""
+
+    max_inflight_bytes: int | None = None
+    """Server-wide budget (per worker) for the bytes of inference requests accepted and not yet answered: their
+    messages or bodies, decoded inputs, batch copies and outputs (`nnserve.server.inflight_budget`). A request
+    that does not fit is refused at once with RESOURCE_EXHAUSTED (HTTP 429) and a retry hint. None: half of the
+    memory the container may use (cgroup memory.max / memory.limit_in_bytes, else the host's), per worker, after
+    the loaded models' measured resident size, at least 32 MiB."""
+
+    cgroup_root: Path = Path("/sys/fs/cgroup")
+    """Where the cgroup filesystem is read for the container's memory limit (the default max_inflight_bytes and
+    max_concurrent_streams); the CPU quota is always read from /sys/fs/cgroup."""
+
+    memory_limit_bytes: int | None = None
+    """The memory this server process may use; None: the cgroup limit under cgroup_root, else the host's memory.
+    Set by the supervisor of `--workers N` for its workers (each gets 1/N of the container)."""
 
     tls_cert: Path | None = None
     """PEM certificate (chain) of the server; with tls_key, the gRPC port speaks TLS only."""
@@ -190,7 +209,9 @@ class ServerSettings:
             raise ValueError(f"warmup_timeout_s must be >= 0 seconds, got {self.warmup_timeout_s!r}")
         if not self.grace_period_s >= 0:
             raise ValueError(f"grace_period_s must be >= 0 seconds, got {self.grace_period_s!r}")
-        if not (isinstance(self.max_message_bytes, int) and 1024 <= self.max_message_bytes <= 2**31 - 1):
+        if self.max_message_bytes is not None and not (
+            isinstance(self.max_message_bytes, int) and 1024 <= self.max_message_bytes <= 2**31 - 1
+        ):
             raise ValueError(
                 f"max_message_bytes must be an integer in [1024, 2147483647], got {self.max_message_bytes!r}"
             )
@@ -208,11 +229,16 @@ class ServerSettings:
             ("max_tensor_elements", 1, 1 << 50),
             ("max_inputs_per_request", 1, 1 << 16),
             ("max_concurrent_streams", 1, 2**31 - 1),
+            ("max_inflight_bytes", 1024, 1 << 62),
+            ("memory_limit_bytes", 1 << 20, 1 << 62),
             ("gil_switch_interval_us", 1, 1_000_000),
         ):
             value = getattr(self, name)
+            if value is None and name in _DERIVED:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
                 raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
+        object.__setattr__(self, "cgroup_root", Path(self.cgroup_root))
         for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, Path(getattr(self, name)))
@@ -233,6 +259,10 @@ class ServerSettings:
         """`host:port` in the form grpc's add_insecure_port accepts (IPv6 literals bracketed)."""
         host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
         return f"{host}:{self.grpc_port}"
+
+
+_DERIVED = frozenset({"max_concurrent_streams", "max_inflight_bytes", "memory_limit_bytes"})
+"""Settings whose None means "derived at start from the memory the container may use"."""
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

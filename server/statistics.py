@@ -24,9 +24,12 @@ if TYPE_CHECKING:
     from nnserve.server.batcher import BatchStats
 
 FAILURE_REASONS = (
-    "invalid", "not_found", "not_ready", "rejected", "deadline", "cancelled", "unavailable", "internal",
+    "invalid", "not_found", "not_ready", "rejected", "over_budget", "deadline", "cancelled", "unavailable",
+    "internal",
 )
-"""Values of the `outcome` label besides `success`: every way a request can fail, as the metrics report it."""
+"""Values of the `outcome` label besides `success`: every way a request can fail, as the metrics report it.
+`rejected` is a full queue; `over_budget` a request the in-flight byte budget had no room for (`--max-inflight-bytes`),
+or one larger than the whole budget."""
 
 UNKNOWN_LABEL = "_unknown"
 """Label value for a model or version the server does not know. Real model names start with a letter or digit,

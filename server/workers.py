@@ -12,7 +12,8 @@ port with SO_REUSEPORT and the kernel spreads *connections* among them. What tha
   ones, where one process already keeps every core busy in onnxruntime.
 * onnxruntime's intra-op threads are divided: each worker gets `available CPUs // N` unless set explicitly, so the
   workers together use what the container's CPU quota allows (`cpu_quota`).
-* Memory: every worker holds every model.
+* Memory: every worker holds every model, and gets 1/N of the container's memory to size its in-flight byte budget
+  and stream limit from (`--max-inflight-bytes`, given explicitly, is per worker too).
 
 Lifecycle. The supervisor reserves the port (a bound, non-listening SO_REUSEPORT socket: port 0 picks one, and a
 port held by an ordinary listener fails at once), starts the workers (multiprocessing "spawn": fresh interpreters,
@@ -55,6 +56,7 @@ from typing import Protocol
 
 from nnserve._process import end_process
 from nnserve.server import cpu_quota
+from nnserve.server.memory_limit import container_memory
 from nnserve.server.port_report import log_ports, port_report, remove_port_file, write_port_file
 from nnserve.server.settings import ServerSettings
 
@@ -85,10 +87,12 @@ def supervise(settings: ServerSettings) -> int:
             raise
         http_port = int(http_reservation.getsockname()[1])
     threads = settings.intra_op_threads or cpu_quota.intra_op_threads(count)
+    # Each worker sizes its in-flight budget and stream limit from its share of the container's memory.
+    memory = settings.memory_limit_bytes or container_memory(settings.cgroup_root).bytes
     metrics_dir = tempfile.mkdtemp(prefix="nnserve-metrics-")
     worker_settings = dataclasses.replace(
         settings, workers=1, reuse_port=True, grpc_port=port, http_port=http_port, metrics_port=None,
-        intra_op_threads=threads, port_file=None,
+        intra_op_threads=threads, port_file=None, memory_limit_bytes=max(1 << 20, memory // count),
     )
     wake_r, wake_w = socket.socketpair()
     wake_r.setblocking(False)

@@ -114,7 +114,7 @@ def test_limits_come_from_flags_or_environment_with_safe_defaults() -> None:
     defaults = _settings([], {})
     assert (defaults.max_request_rows, defaults.max_tensor_dims, defaults.max_tensor_elements,
             defaults.max_inputs_per_request, defaults.max_concurrent_streams, defaults.max_message_bytes) == \
-        (65536, 16, 1 << 26, 64, 1024, 64 << 20)
+        (65536, 16, 1 << 26, 64, None, None)  # streams and message size: derived from the memory at start
     env = {"NNSERVE_MAX_REQUEST_ROWS": "100", "NNSERVE_MAX_TENSOR_DIMS": "4", "NNSERVE_MAX_TENSOR_ELEMENTS": "5000",
            "NNSERVE_MAX_INPUTS_PER_REQUEST": "8", "NNSERVE_MAX_CONCURRENT_STREAMS": "32"}
     from_env = _settings([], env)

@@ -31,6 +31,7 @@ from nnserve.server.dataplane import (
     RawData,
 )
 from nnserve.server.errors import InvalidInputError, QueueFullError, ServingError
+from nnserve.server.frontends.grpc_payload import ZERO_COPY_MIN_BYTES, ParsedInferRequest, RawInferResponse
 from nnserve.server.frontends.status import grpc_status
 from nnserve.server.limits import MIN_RETRY_AFTER_MS, client_message, clip, retry_trailers
 from nnserve.server.model_view import PLATFORM, config_parameters, model_config_view
@@ -125,7 +126,9 @@ def _has_contents(tensor: Any) -> bool:
     return any(len(getattr(contents, name)) for name in _ALL_CONTENTS_FIELDS) or len(contents.bytes_contents) > 0
 
 
-def inference_request(request: pb.ModelInferRequest, dataplane: DataPlane, deadline: float | None) -> InferenceRequest:
+def inference_request(
+    request: pb.ModelInferRequest | ParsedInferRequest, dataplane: DataPlane, deadline: float | None
+) -> InferenceRequest:
     """The protocol-neutral form of a ModelInferRequest: raw contents (one entry per input) or typed contents.
 
     Problems only this wire form can have are carried to the data plane, which reports them in the same order as
@@ -142,6 +145,7 @@ def inference_request(request: pb.ModelInferRequest, dataplane: DataPlane, deadl
         invalid = (f"raw_input_contents has {len(raw)} entries but the request has {len(tensors)} inputs; "
                    "send exactly one raw entry per input, in the order of `inputs`")
     inputs = []
+    raw_bytes = 0
     for index, tensor in enumerate(tensors):
         data: Any
         if not raw:
@@ -149,10 +153,17 @@ def inference_request(request: pb.ModelInferRequest, dataplane: DataPlane, deadl
         elif _has_contents(tensor):
             data = Refused(f"input '{clip(tensor.name)}' has both typed `contents` and raw_input_contents; send one "
                            "or the other")
+        elif index < len(raw):
+            entry = raw[index]
+            raw_bytes += len(entry)
+            data = RawData(entry)
         else:
-            data = RawData(raw[index]) if index < len(raw) else Refused(invalid or "")
+            data = Refused(invalid or "")
         inputs.append(InputTensor(tensor.name, tensor.datatype, tuple(tensor.shape), data))
     parameters = request.parameters
+    # What the request holds: a large message once (grpc_payload); a small one's raw bytes three times (grpc's
+    # bytes, the parsed message, and each entry read out of it).
+    wire_bytes = request.wire_bytes if type(request) is ParsedInferRequest else _PROTOBUF_COPIES * raw_bytes
     return InferenceRequest(
         model=request.model_name,
         version=request.model_version,
@@ -163,6 +174,7 @@ def inference_request(request: pb.ModelInferRequest, dataplane: DataPlane, deadl
         deadline=deadline,
         timing=TIMING_PARAMETER in parameters and timing_requested(parameters),
         invalid=invalid,
+        wire_bytes=wire_bytes,
     )
 
 
@@ -196,6 +208,33 @@ class ProtobufEncoder:
 
 
 _ENCODER = ProtobufEncoder()
+
+
+class UnaryEncoder:
+    """ModelInfer's encoder: large outputs stay arrays until grpc serializes the response (`grpc_payload`), which
+    writes them into the wire bytes directly instead of through two intermediate copies."""
+
+    def encode(self, result: InferenceResult) -> pb.ModelInferResponse | RawInferResponse:
+        if sum(t.array.nbytes for t in result.outputs) < ZERO_COPY_MIN_BYTES:
+            return _ENCODER.encode(result)
+        header = pb.ModelInferResponse(
+            model_name=result.model,
+            model_version=result.version,
+            id=result.id,
+            outputs=[
+                pb.ModelInferResponse.InferOutputTensor(name=t.name, datatype=t.datatype, shape=t.array.shape)
+                for t in result.outputs
+            ],
+        )
+        return RawInferResponse(header, [t.array for t in result.outputs])
+
+    def add_timing(self, response: pb.ModelInferResponse | RawInferResponse, timing: RequestTiming,
+                   provider: str) -> None:
+        write_timing(response.parameters, timing, provider)
+
+
+_UNARY_ENCODER = UnaryEncoder()
+_PROTOBUF_COPIES = 3
 
 
 # -- the servicer -------------------------------------------------------------------------------------------------
@@ -285,13 +324,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # -- inference -------------------------------------------------------------------------------------------
 
-    async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest | ParsedInferRequest, context: Any
+    ) -> pb.ModelInferResponse | RawInferResponse:
         started = time.perf_counter_ns()
         remaining = context.time_remaining()
         try:
             neutral = inference_request(request, self.dataplane,
                                         None if remaining is None else time.monotonic() + remaining)
-            return await self.dataplane.infer(neutral, _ENCODER, started)
+            neutral.on_answered = context.add_done_callback  # the budget holds a large response until it is sent
+            return await self.dataplane.infer(neutral, _UNARY_ENCODER, started)
         except QueueFullError as exc:
             hint = getattr(exc, "retry_after_ms", MIN_RETRY_AFTER_MS)
             await context.abort(grpc_status(exc), client_message(f"{exc} (retry after ~{hint} ms)"),
@@ -330,7 +372,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 if left is not None:
                     left.cancel()
 
-    async def _stream_one(self, request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
+    async def _stream_one(self, request: pb.ModelInferRequest | ParsedInferRequest) -> pb.ModelStreamInferResponse:
         started = time.perf_counter_ns()
         try:
             neutral = inference_request(request, self.dataplane, None)
@@ -450,7 +492,7 @@ def _statistics_proto(served: ServedVersion) -> pb.ModelStatistics:
     )
 
 
-def _stream_error(request: pb.ModelInferRequest, message: str) -> pb.ModelStreamInferResponse:
+def _stream_error(request: pb.ModelInferRequest | ParsedInferRequest, message: str) -> pb.ModelStreamInferResponse:
     return pb.ModelStreamInferResponse(
         error_message=message,
         infer_response=pb.ModelInferResponse(

@@ -74,6 +74,8 @@ class Request:
     params: dict[str, str]
     headers: dict[str, list[str]]
     body: bytes = b""
+    held: int = 0
+    """In-flight budget bytes reserved for the body before it was read (infer only); infer hands them on."""
 
     def header(self, name: str) -> str | None:
         values = self.headers.get(name)
@@ -168,6 +170,9 @@ class RestFrontend:
                 if denied is not None:
                     return denied
             if route.reads_body:
+                if route.rpc == "ModelInfer":  # the budget sees the body's declared length before it is read
+                    request.held = self.dataplane.hold(params["model"], params.get("version", ""),
+                                                       _declared_length(request), time.perf_counter_ns())
                 request.body = await self._read(receive, request)
             if not route.watches:
                 return await route.handler(request)
@@ -200,6 +205,9 @@ class RestFrontend:
         except Exception:
             log.exception("%s %s failed unexpectedly", method, path[:128])
             return _error(500, _INTERNAL_MESSAGE)
+        finally:
+            if request.held:  # the body was refused or the client left before infer took the reservation over
+                self.dataplane.budget.release(request.held)
 
     def _match(self, path: str, method: str) -> tuple[Route | None, dict[str, str], set[str]]:
         allowed: set[str] = set()
@@ -213,9 +221,7 @@ class RestFrontend:
         return None, {}, allowed
 
     async def _read(self, receive: Receive, request: Request) -> bytes:
-        length = request.header("content-length")
-        declared = int(length) if length is not None and length.isdigit() else None
-        body = await read_body(receive, declared, self._max_body_bytes)
+        body = await read_body(receive, _declared_length(request), self._max_body_bytes)
         encoding = request.header("content-encoding")
         return decompress(body, encoding, self._max_body_bytes) if encoding else body
 
@@ -302,7 +308,9 @@ class RestFrontend:
                                                   version, self.dataplane.limits, None)
         except InvalidInputError as exc:  # refused after routing: an unknown model is 404, and statistics count it
             neutral, choice = InferenceRequest(model, version, (), invalid=str(exc)), OutputChoice({}, False)
-        response = await self.dataplane.infer(neutral, RestEncoder(choice), started)
+        neutral.wire_bytes = len(request.body)
+        held, request.held = request.held, 0  # from here the data plane releases it
+        response = await self.dataplane.infer(neutral, RestEncoder(choice), started, held)
         payload, header_length = response.body()
         if header_length is None:
             return Reply(200, payload)
@@ -313,6 +321,11 @@ class RestFrontend:
 
 
 # -- bodies --------------------------------------------------------------------------------------------------------
+
+
+def _declared_length(request: Request) -> int | None:
+    length = request.header("content-length")
+    return int(length) if length is not None and length.isdigit() else None
 
 
 def _json(document: Any, status: int = 200) -> Reply:

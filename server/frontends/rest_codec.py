@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import orjson
@@ -45,6 +45,9 @@ class JsonData:
     """An input's JSON `data`: a flat or nested list in row-major order."""
 
     values: Any
+    held_bytes_per_value: ClassVar[int] = 32
+    """What the parsed values hold until the request is answered, beside the array (a Python number and its list
+    slot), for the in-flight budget (`dataplane.RawData`)."""
 
     def to_array(self, spec: TensorSpec, shape: tuple[int, ...], count: int) -> np.ndarray:
         try:

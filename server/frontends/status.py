@@ -20,6 +20,7 @@ from nnserve.server.errors import (
     QueueFullError,
     RepositoryControlError,
     RequestCancelledError,
+    RequestTooLargeError,
     ServerUnavailableError,
     ServingError,
 )
@@ -28,7 +29,8 @@ GRPC_STATUS: dict[type[ServingError], grpc.StatusCode] = {
     ModelNotFoundError: grpc.StatusCode.NOT_FOUND,
     ModelNotReadyError: grpc.StatusCode.UNAVAILABLE,
     InvalidInputError: grpc.StatusCode.INVALID_ARGUMENT,
-    QueueFullError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    QueueFullError: grpc.StatusCode.RESOURCE_EXHAUSTED,  # a full queue, and OverBudgetError (its subclass)
+    RequestTooLargeError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     DeadlineExpiredError: grpc.StatusCode.DEADLINE_EXCEEDED,
     RequestCancelledError: grpc.StatusCode.CANCELLED,
     ServerUnavailableError: grpc.StatusCode.UNAVAILABLE,
@@ -46,7 +48,9 @@ HTTP_STATUS: dict[type[ServingError], int] = {
     InvalidInputError: HTTPStatus.BAD_REQUEST,
     # 429 rather than Triton's 503: the client sent too much too fast, the server is healthy, and HTTP clients
     # and proxies treat 429 + Retry-After as "back off and retry", while a 503 may take the replica out of rotation.
-    QueueFullError: HTTPStatus.TOO_MANY_REQUESTS,
+    QueueFullError: HTTPStatus.TOO_MANY_REQUESTS,  # and OverBudgetError: the same back-off, Retry-After included
+    # Larger than the whole in-flight budget: never acceptable, like a body over --max-message-bytes.
+    RequestTooLargeError: HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
     DeadlineExpiredError: HTTPStatus.GATEWAY_TIMEOUT,
     RequestCancelledError: CLIENT_CLOSED_REQUEST,
     ServerUnavailableError: HTTPStatus.SERVICE_UNAVAILABLE,

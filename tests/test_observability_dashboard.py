@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from nnserve.server.metrics import MULTIPROC_ENV, AggregatedMetricsServer, MultiprocessWriter
+from nnserve.server.statistics import FAILURE_REASONS
 from tests.conftest import ROOT, RunningServer
 
 GRAFANA = ROOT / "deploy" / "grafana"
@@ -97,8 +98,8 @@ def test_rules_file_is_a_valid_prometheus_rules_file(rules: dict[str, Any]) -> N
                 assert rule["annotations"]["summary"]
                 alerts.append(rule["alert"])
     assert len(records) == len(set(records))
-    assert {"NnserveHighErrorRatio", "NnserveQueueSaturated", "NnserveModelNotReady", "NnserveCpuFallback"} <= set(
-        alerts)
+    assert {"NnserveHighErrorRatio", "NnserveQueueSaturated", "NnserveModelNotReady", "NnserveCpuFallback",
+            "NnserveInflightBudgetNearlyFull"} <= set(alerts)
 
 
 def test_every_metric_the_rules_use_is_exported(rules: dict[str, Any], exported: set[str]) -> None:
@@ -145,3 +146,16 @@ def test_every_rule_quantile_aggregates_buckets_by_le(rules: dict[str, Any]) -> 
     for expr in expressions(rules):
         if "histogram_quantile" in expr:
             assert re.search(r"sum by \([^)]*\ble\b[^)]*\) \(rate\(\w+_bucket\[5m\]\)\)", expr), expr
+
+
+def test_the_errors_panel_names_every_outcome_and_the_budget_is_on_the_dashboard_and_alerted(
+    dashboard: dict[str, Any], rules: dict[str, Any]
+) -> None:
+    errors = next(p for p in dashboard["panels"] if p.get("title") == "Errors by reason")
+    assert all(reason in errors["description"] for reason in FAILURE_REASONS), errors["description"]
+    text = json.dumps(dashboard["panels"])
+    for needed in ("nnserve_inflight_bytes{", "nnserve_inflight_bytes_limit{", 'outcome=\\"over_budget\\"'):
+        assert needed in text, needed
+    alerts = {rule["alert"]: rule for group in rules["groups"] for rule in group["rules"] if "alert" in rule}
+    assert "instance:nnserve_inflight_bytes_utilisation:ratio" in alerts["NnserveInflightBudgetNearlyFull"]["expr"]
+    assert "over_budget" in alerts["NnserveRequestsRejected"]["expr"]

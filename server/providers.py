@@ -9,8 +9,10 @@ clear log line (for `auto`) or a `DeviceUnavailableError` (for `cuda`).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
+import io
 import logging
 import os
 import threading
@@ -87,6 +89,25 @@ def cuda_options(device_id: int) -> dict[str, str]:
 
 
 @functools.cache
+def _preload_cuda_libraries() -> None:
+    """Load CUDA and cuDNN from the nvidia-* pip wheels before the first CUDA session (once per process).
+
+    onnxruntime-gpu finds them through the wheels' rpath in a normal virtual environment, but not when it was
+    installed with `pip --target` or the libraries live in another site directory; `preload_dlls` looks there too.
+    Its printed complaints about libraries it did not find are kept off stdout: the probe that follows reports
+    what is really missing, once, in the server's log format.
+    """
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None or not gpu_visible():
+        return
+    with contextlib.redirect_stdout(io.StringIO()):
+        try:
+            preload(cuda=True, cudnn=True, msvc=False)
+        except Exception:  # a missing or broken library shows in the probe's reason; preloading is only a help
+            return
+
+
+@functools.cache
 def cuda_unavailable_reason(device_id: int = 0) -> str | None:
     """None when a CUDA session really runs on `device_id`, else why not (probed once per device)."""
     if CUDA not in ort.get_available_providers():
@@ -94,6 +115,7 @@ def cuda_unavailable_reason(device_id: int = 0) -> str | None:
             f"this onnxruntime build ({ort.__version__}) has no CUDA execution provider; "
             "install onnxruntime-gpu"
         )
+    _preload_cuda_libraries()
     try:
         with quiet_onnxruntime():
             options = session_options()

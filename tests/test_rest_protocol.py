@@ -68,7 +68,9 @@ def test_health_routes_answer_in_status_and_body(port: int) -> None:
 def test_server_and_model_metadata(port: int) -> None:
     server = get(port, "/v2").json()
     assert server["name"] == "nnserve"
-    assert {"model_repository", "model_configuration", "statistics", "schedule_policy"} <= set(server["extensions"])
+    assert {"model_repository", "model_configuration", "statistics", "schedule_policy", "binary_tensor_data"} <= set(
+        server["extensions"]
+    )
     meta = get(port, "/v2/models/multi_io").json()
     assert meta == {
         "name": "multi_io", "versions": ["1"], "platform": "onnxruntime_onnx",

@@ -43,7 +43,7 @@ from nnserve.server.timing import TIMING_PARAMETER, RequestTiming, timing_reques
 log = logging.getLogger(__name__)
 
 SERVER_NAME = "nnserve"
-EXTENSIONS = ("model_repository", "model_configuration", "statistics", "schedule_policy")
+EXTENSIONS = ("model_repository", "model_configuration", "statistics", "schedule_policy", "binary_tensor_data")
 _INTERNAL_MESSAGE = "internal error in nnserve; the server log has the details"
 _STREAM_WINDOW = 256  # requests of one stream in flight at once before reading pauses (back-pressure)
 

@@ -242,6 +242,10 @@ async def create_server(settings: ServerSettings) -> tuple[InferenceServer, int]
             ("grpc.max_receive_message_length", message),
             ("grpc.max_send_message_length", message),
             ("grpc.max_concurrent_streams", streams),
+            # gRPC's "overload protection" counts streams not yet freed after they finished against the limit and
+            # resets new ones (REFUSED_STREAM, UNAVAILABLE to the client) in that window: with calls answered as fast
+            # as refusals are, a client with more calls than the limit saw about half of them reset. Off, clients queue
+            # the excess, as HTTP/2 means them to.
             ("grpc.http.overload_protection", 0),
             # Fail loudly if another process holds the port instead of silently sharing it; only the workers of
             # `--workers N` share it, by design (nnserve.server.workers).

@@ -107,8 +107,9 @@ class ServerSettings:
     """Most inputs (and raw_input_contents entries, and requested outputs) in one request."""
 
     max_concurrent_streams: int | None = None
-    """Most calls in flight on one client connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS); gRPC clients queue
-    the excess (or see it refused, REFUSED_STREAM, as UNAVAILABLE, retryable). gRPC receives a unary message whole
+    """Most calls in flight on one client connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS); clients queue the
+    excess (gRPC's overload protection, which reset calls while finished streams were being freed, is off: see
+    `app.create_server`). gRPC receives a unary message whole
     before any handler runs, so one connection can hold max_message_bytes x this many bytes that no budget has
     seen yet. None: derived at start so that this product fits a quarter of the memory (per worker): memory / 4 /
     max_message_bytes, within [100, 1024] (`inflight_budget.transport_limits`)."""

@@ -57,14 +57,19 @@ def _has_libb64() -> bool:
 
 def run(
     binary: Path, model: str, target: str, concurrency: int, *, batch: int = 1, interval_ms: int = 2000,
-    timeout_s: float = 300,
+    timeout_s: float = 300, stability_percentage: int = 100, max_trials: int = 5,
 ) -> dict[str, float] | str:
-    """One concurrency level; {"requests_per_s", "rows_per_s", "p50_ms", "p99_ms"} or the reason it failed."""
+    """One concurrency level; {"requests_per_s", "rows_per_s", "p50_ms", "p99_ms"} or the reason it failed.
+
+    perf_analyzer measures windows until the last three agree within `stability_percentage` (of the smallest)
+    in both rate and latency, at most `max_trials`; on a machine shared with other work a large percentage keeps
+    it from giving up (the caller's rounds and medians deal with the noise instead)."""
     report = CACHE / f"report-{os.getpid()}.csv"
     command = [
         str(binary), "-m", model, "-i", "grpc", "-u", target, "-b", str(batch),
         "--concurrency-range", f"{concurrency}:{concurrency}", "--measurement-interval", str(interval_ms),
-        "--stability-percentage", "100", "--max-trials", "5", "--percentile", "50", "-f", str(report),
+        "--stability-percentage", str(stability_percentage), "--max-trials", str(max_trials), "--percentile", "50",
+        "-f", str(report),
     ]
     env = {**os.environ, "LD_LIBRARY_PATH": f"{CACHE}:{os.environ.get('LD_LIBRARY_PATH', '')}"}
     try:

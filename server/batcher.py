@@ -25,6 +25,12 @@ the delay policy granting no wait and the model measured cheap enough to run inl
 step (`_runs_at_once`): the same batch of one it would have become, without the queue, a future and two task
 switches, which for a tiny network are most of what the batcher costs (measured: ~36 us -> ~15 us per request).
 
+On the threaded gRPC transport (`frontends/grpc_threads`) a request reaches `submit` on a pool thread of grpc's
+server, through the loop bridge (`loop_bridge`: the loop is parked meanwhile). The same shortcut then also takes a
+model too slow to run inline: the parked collector's idle instance is lent to the caller's thread, which runs the
+model outside the loop (`_run_lent`), as a plain synchronous server would; requests arriving meanwhile queue as
+usual and the collector dispatches them once the instance is back.
+
 Waits are exact to tens of microseconds: the window ends on a Linux timerfd watched by the loop (`precise_timer`),
 because asyncio's own timers wait in whole milliseconds (epoll) and would turn the default 100 us into ~1.1 ms.
 
@@ -42,7 +48,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -65,7 +71,11 @@ from nnserve.server.errors import (
     QueueFullError,
     ServerUnavailableError,
 )
+from nnserve.server.loop_bridge import off_loop_runner
 from nnserve.server.precise_timer import PreciseTimer
+
+if TYPE_CHECKING:
+    from nnserve.server.tracing import BatchTrace, RequestTrace
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +135,7 @@ class _Request:
     deadline: float | None
     timer: asyncio.TimerHandle | None = None
     dispatched: bool = False
+    trace: RequestTrace | None = None
 
 
 class DynamicBatcher:
@@ -151,12 +162,17 @@ class DynamicBatcher:
         self._arrival: asyncio.Future[bool] | None = None  # what the collector awaits while the queue is empty
         self._parked = False  # the collector holds an idle instance and waits for a batch's first request
         self._arrival_recorded = False  # _runs_at_once already told the adaptive policy about this arrival
+        self._lent = False  # the parked collector's instance runs a request on a caller's thread (_run_lent)
+        self._returned: asyncio.Future[None] | None = None  # what the collector awaits until the instance is back
         self._timer: PreciseTimer | None = None
         self._slots = asyncio.Semaphore(settings.instances)
         self._pending: set[_Request] = set()  # accepted, not yet executing: what max_queue_size bounds
         self._executing = 0  # requests in batches that run now
         self._carry: _Request | None = None  # the request that did not fit the last batch; it opens the next one
         self._batch_tasks: dict[asyncio.Task[None], list[_Request]] = {}  # executing, each holding an instance
+        self._free_instances = list(range(settings.instances - 1, -1, -1))  # instance numbers, lowest last
+        self._task_instances: dict[asyncio.Task[None], int] = {}
+        self._batch_traces: dict[int, BatchTrace] = {}  # id(batch) -> its span, for batches with a sampled request
         self._adaptive = (
             AdaptiveDelay(self._delay_s, settings.max_batch_size) if settings.delay_mode == "adaptive" else None
         )
@@ -182,8 +198,8 @@ class DynamicBatcher:
 
     @property
     def in_flight_batches(self) -> int:
-        """Batches executing now (at most `instances`)."""
-        return len(self._batch_tasks)
+        """Batches executing now (at most `instances`), a request run on a lent instance included."""
+        return len(self._batch_tasks) + self._lent
 
     @property
     def current_delay_s(self) -> float:
@@ -240,17 +256,24 @@ class DynamicBatcher:
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
 
-    async def submit(self, inputs: Mapping[str, np.ndarray], *, deadline: float | None = None) -> BatchOutcome:
+    async def submit(
+        self, inputs: Mapping[str, np.ndarray], *, deadline: float | None = None, trace: RequestTrace | None = None
+    ) -> BatchOutcome:
         """Queue one request and wait for its rows of the outputs.
 
         Raises (before queueing) InvalidInputError, DeadlineExpiredError, QueueFullError or ServerUnavailableError;
         later DeadlineExpiredError when `deadline` (an absolute `time.monotonic()` value) passes while it is queued,
         ExecutionError when its batch fails. Cancelling the caller while queued removes the request unexecuted.
+        `trace` (a sampled request's span) makes the batch it executes in traced (`nnserve.server.tracing`).
         """
         arrays, rows, now = self._validate(inputs, deadline)
-        if self._runs_at_once(rows, now):
-            return self._run_now(arrays, rows, now)
+        lend = off_loop_runner()  # set on a thread of the threaded transport, None on the loop
+        if self._runs_at_once(rows, now, lend is not None):
+            if lend is None or self._runs_inline(rows):
+                return self._run_now(arrays, rows, now)
+            return self._run_lent(lend, arrays, rows, now)
         request = self._enqueue(arrays, rows, now, deadline)
+        request.trace = trace
         try:
             return await request.future
         except asyncio.CancelledError:
@@ -281,14 +304,17 @@ class DynamicBatcher:
             raise DeadlineExpiredError(f"the deadline had passed before the request reached {self._label}")
         return arrays, rows, now
 
-    def _runs_at_once(self, rows: int, now: float) -> bool:
+    def _runs_at_once(self, rows: int, now: float, off_loop: bool = False) -> bool:
         """Whether this request would form a batch of its own and run inline at once: then it skips the queue.
 
         True only when the collector is parked holding an idle instance (nothing queued, nothing forming), the
         delay policy grants no wait and the model is cheap enough to run on the loop. The request then runs in the
         caller's own step: no queue, no future, no task switch, which for a tiny model is most of the batcher's cost.
+        `off_loop`: the caller is a thread that can run the model itself (`_run_lent`), so any model qualifies.
         """
-        if not self._parked or self._queue or self._carry is not None or not self._runs_inline(rows):
+        if not self._parked or self._queue or self._carry is not None or self._lent:
+            return False
+        if not off_loop and not self._runs_inline(rows):
             return False
         if not self._settings.enabled:
             return True
@@ -338,6 +364,46 @@ class DynamicBatcher:
         self._report(BatchStats(rows, 1, (waited,), compute_seconds, succeeded=True))
         return BatchOutcome(part, waited, compute_seconds, rows, 1)
 
+    def _run_lent(self, run_unlocked: Callable[..., Any], arrays: dict[str, np.ndarray], rows: int,
+                  arrived: float) -> BatchOutcome:
+        """Execute a lone request on the caller's thread, the loop free meanwhile (see the module docstring).
+
+        The parked collector keeps holding the instance; `_lent` keeps every other request off it (they queue) and
+        makes the collector wait for it (`_instance_returned`) before it dispatches what queued meanwhile.
+        """
+        self._arrival_recorded = False
+        waited = asyncio.get_running_loop().time() - arrived
+        self._lent = True
+        self._executing += 1
+        started = time.perf_counter()
+        try:
+            outputs = run_unlocked(self._run, arrays)  # the loop runs while the model does
+            compute_seconds = time.perf_counter() - started
+            part = own_outputs(outputs, rows)
+        except Exception as exc:
+            message = f"{self._label} failed to run a batch of {rows} rows (1 request): {_first_line(exc)}"
+            logger.debug("%s", message, exc_info=exc)
+            self._report(BatchStats(rows, 1, (waited,), time.perf_counter() - started, succeeded=False))
+            raise ExecutionError(message) from None
+        finally:
+            self._executing -= 1
+            self._lent = False
+            returned = self._returned
+            if returned is not None and not returned.done():
+                returned.set_result(None)
+        self._learn(rows, compute_seconds, compute_seconds)
+        self._report(BatchStats(rows, 1, (waited,), compute_seconds, succeeded=True))
+        return BatchOutcome(part, waited, compute_seconds, rows, 1)
+
+    async def _instance_returned(self) -> None:
+        """Until the instance lent to a caller's thread is back (a lone run: a model's time, not a queue's)."""
+        while self._lent:
+            self._returned = asyncio.get_running_loop().create_future()
+            try:
+                await self._returned
+            finally:
+                self._returned = None
+
     def _expire(self, request: _Request) -> None:
         """Fail a request whose deadline passed before it was dispatched; it is skipped, never executed."""
         if request.dispatched or request.future.done():
@@ -374,6 +440,7 @@ class DynamicBatcher:
             await self._slots.acquire()
             try:
                 batch = await self._collect()
+                await self._instance_returned()
             except BaseException:
                 self._slots.release()
                 raise
@@ -490,12 +557,18 @@ class DynamicBatcher:
             return
         loop = asyncio.get_running_loop()
         now = loop.time()
+        traced: list[RequestTrace] | None = None
         for request in live:
             request.dispatched = True
             self._forget(request)
+            if request.trace is not None:
+                traced = traced or []
+                traced.append(request.trace)
         queue_seconds = tuple(now - request.enqueued_at for request in live)
         rows = sum(request.rows for request in live)
         if self._runs_inline(rows):
+            if traced is not None:
+                self._trace_batch(live, traced, rows, self._free_instances[-1], inline=True)
             try:
                 self._execute_inline(live, queue_seconds, rows)
             finally:
@@ -511,11 +584,34 @@ class DynamicBatcher:
             return
         for request in live:
             request.inputs = {}
+        instance = self._free_instances.pop()
+        if traced is not None:
+            self._trace_batch(live, traced, rows, instance, inline=False)
         work = loop.run_in_executor(self._executor, _timed_run, self._run, merged)
         self._executing += len(live)
         task = loop.create_task(self._execute(live, queue_seconds, now, work))
         self._batch_tasks[task] = live
+        self._task_instances[task] = instance
         task.add_done_callback(self._on_batch_done)
+
+    def _trace_batch(self, batch: list[_Request], traced: list[RequestTrace], rows: int, instance: int, *,
+                     inline: bool) -> None:
+        """Start the span of a batch serving sampled requests (it ends when the batch is settled)."""
+        try:
+            span = traced[0].tracing.start_batch(traced, rows=rows, requests=len(batch), instance=instance,
+                                                 inline=inline)
+        except Exception:  # tracing must never fail a batch
+            logger.debug("starting the span of a batch of %s failed", self._label, exc_info=True)
+            return
+        self._batch_traces[id(batch)] = span
+
+    def _end_batch_trace(self, batch: list[_Request], seconds: float, error: BaseException | None) -> None:
+        span = self._batch_traces.pop(id(batch), None)
+        if span is not None:
+            try:
+                span.end(seconds, error)
+            except Exception:
+                logger.debug("ending the span of a batch of %s failed", self._label, exc_info=True)
 
     def _runs_inline(self, rows: int) -> bool:
         """Whether this batch is cheap enough, by the model's measured compute time, to run on the event loop."""
@@ -552,6 +648,7 @@ class DynamicBatcher:
     def _free_instance(self, task: asyncio.Task[Any] | None) -> None:
         """Give the instance of a batch task back (once): `in_flight_batches` never exceeds `instances`."""
         if task is not None and self._batch_tasks.pop(task, None) is not None:  # type: ignore[arg-type]
+            self._free_instances.append(self._task_instances.pop(task))  # type: ignore[arg-type]
             self._slots.release()
 
     def _execute_inline(self, batch: list[_Request], queue_seconds: tuple[float, ...], rows: int) -> None:
@@ -596,6 +693,8 @@ class DynamicBatcher:
             if not request.future.done():  # a caller cancelled during execution: its rows are dropped
                 request.future.set_result(BatchOutcome(part, waited, compute_seconds, total, len(batch)))
         self._report(BatchStats(total, len(batch), queue_seconds, compute_seconds, succeeded=True))
+        if self._batch_traces:
+            self._end_batch_trace(batch, compute_seconds, None)
 
     def _fail_batch(
         self, batch: list[_Request], queue_seconds: tuple[float, ...], seconds: float, exc: Exception
@@ -608,6 +707,8 @@ class DynamicBatcher:
         for request in batch:
             _settle_error(request.future, ExecutionError(message))
         self._report(BatchStats(total, len(batch), queue_seconds, seconds, succeeded=False))
+        if self._batch_traces:
+            self._end_batch_trace(batch, seconds, exc)
 
     def _on_batch_done(self, task: asyncio.Task[None]) -> None:
         """Give the instance back once the task is gone, so `in_flight_batches` never exceeds `instances`.
@@ -628,6 +729,8 @@ class DynamicBatcher:
             return
         for request in batch:
             _settle_error(request.future, ServerUnavailableError(error))
+        if self._batch_traces:
+            self._end_batch_trace(batch, 0.0, ServerUnavailableError(error))
 
     def _report(self, stats: BatchStats) -> None:
         """Call the metrics hook; a broken hook is logged and never breaks serving."""

@@ -23,6 +23,7 @@ from nnserve.client._codec import Inputs, ParameterValue, Rpc
 from nnserve.client.errors import InferenceError, InvalidInputError, ModelNotFoundError, from_rpc_error
 from nnserve.client.progress import Progress, ProgressCallback
 from nnserve.client.retry import Attempts
+from nnserve.client.tracing import with_trace_context
 from nnserve.client.types import InferResult, ModelMetadata, RepositoryModel, ServerMetadata, StatisticsSnapshot
 from nnserve.protos import grpc_service_pb2_grpc, model_config_pb2
 
@@ -70,7 +71,8 @@ class AsyncInferenceClient(ClientBase):
         waits = self._waits(wait_for_ready)
         while True:
             try:
-                reply = await method(rpc.request, timeout=attempts.remaining_s(), metadata=self._metadata,
+                reply = await method(rpc.request, timeout=attempts.remaining_s(),
+                                     metadata=with_trace_context(self._metadata),
                                      wait_for_ready=waits)
             except grpc.RpcError as rpc_error:
                 error = from_rpc_error(rpc_error, tls=self._settings.uses_tls)

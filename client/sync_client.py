@@ -18,6 +18,7 @@ from nnserve.client._codec import Inputs, ParameterValue, Rpc
 from nnserve.client.errors import InferenceError, InvalidInputError, ModelNotFoundError, from_rpc_error
 from nnserve.client.progress import Progress, ProgressCallback
 from nnserve.client.retry import Attempts
+from nnserve.client.tracing import with_trace_context
 from nnserve.client.types import (
     InferResult,
     ModelMetadata,
@@ -78,8 +79,8 @@ class InferenceClient(ClientBase):
         waits = self._waits(wait_for_ready)
         while True:
             try:
-                reply = method(rpc.request, timeout=attempts.remaining_s(), metadata=self._metadata,
-                               wait_for_ready=waits)
+                reply = method(rpc.request, timeout=attempts.remaining_s(),
+                               metadata=with_trace_context(self._metadata), wait_for_ready=waits)
             except grpc.RpcError as rpc_error:
                 error = from_rpc_error(rpc_error, tls=self._settings.uses_tls)
                 delay = attempts.next_delay_s(error)

@@ -15,6 +15,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
@@ -46,6 +47,10 @@ from nnserve.server.security import (
     server_credentials,
 )
 from nnserve.server.settings import ServerSettings
+from nnserve.server.tracing_config import TracingConfigError, load_tracing
+
+if TYPE_CHECKING:
+    from nnserve.server.tracing import Tracing
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +82,9 @@ class InferenceServer:
         self.health = health
         self.metrics: MetricsServer | None = None
         self.metrics_writer: MultiprocessWriter | None = None
+        tracing = dataplane.tracing
         self.metrics_state = ServingState(repository, dataplane.unrouted, lambda: dataplane.inflight,
-                                          dataplane.budget)
+                                          dataplane.budget, None if tracing is None else tracing.counts.snapshot)
         self.plan = plan or memory_plan(settings)
         """The memory this process may use and the transport limits in force (derived where the settings say None)."""
         self._grpc = grpc_server
@@ -193,6 +199,8 @@ class InferenceServer:
         if self._http is not None:
             await self._http.stop()
         await self.repository.close(timeout=max(0.0, deadline - time.monotonic()))
+        if self.dataplane.tracing is not None:  # the last spans, within what is left of the grace period
+            await asyncio.to_thread(self.dataplane.tracing.shutdown, max(0.0, deadline - time.monotonic()))
         if self.metrics_writer is not None:
             await self.metrics_writer.stop()
         if self.metrics is not None:
@@ -206,8 +214,11 @@ class InferenceServer:
             await self.health.set_server(self.dataplane.is_ready())
 
 
-async def create_server(settings: ServerSettings) -> tuple[InferenceServer, int]:
-    """Build every part and bind the gRPC port (0 picks a free one); nothing is served until `start()`."""
+async def create_server(settings: ServerSettings, *, tracing: Tracing | None = None) -> tuple[InferenceServer, int]:
+    """Build every part and bind the gRPC port (0 picks a free one); nothing is served until `start()`.
+
+    `tracing` (`tracing_config.load_tracing`: what `serve` reads from the OTEL_* variables) traces the requests
+    and batches; None leaves tracing off. The server shuts it down with itself."""
     root = settings.model_repository
     if not root.is_dir():
         raise StartupError(f"model repository {root} does not exist or is not a directory")
@@ -229,6 +240,9 @@ async def create_server(settings: ServerSettings) -> tuple[InferenceServer, int]
         raise StartupError(f"--model-repository {settings.model_repository}: {exc}") from None
     log.info("model repository: %s", repository.layout.describe())
     dataplane = DataPlane(repository, settings)
+    dataplane.tracing = tracing
+    if tracing is not None:
+        log.info("tracing: on, %s (OpenTelemetry; the OTEL_* variables)", tracing.config.describe())
     plan = memory_plan(settings)
     if settings.max_inflight_bytes is None:  # until the models are loaded and measured (InferenceServer.start)
         dataplane.budget.limit = default_limit(plan.memory.bytes, resident_bytes())
@@ -324,7 +338,16 @@ def _http_frontend(
 async def serve(settings: ServerSettings) -> int:
     """Run until SIGTERM or SIGINT, then shut down gracefully; the process exit status."""
     sys.setswitchinterval(settings.gil_switch_interval_us / 1e6)
-    app, _port = await create_server(settings)
+    try:
+        tracing = load_tracing(os.environ)
+    except TracingConfigError as exc:
+        raise StartupError(str(exc)) from None
+    try:
+        app, _port = await create_server(settings, tracing=tracing)
+    except BaseException:
+        if tracing is not None:
+            tracing.shutdown(0.0)
+        raise
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -48,7 +48,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -73,6 +73,9 @@ from nnserve.server.errors import (
 )
 from nnserve.server.loop_bridge import off_loop_runner
 from nnserve.server.precise_timer import PreciseTimer
+
+if TYPE_CHECKING:
+    from nnserve.server.tracing import BatchTrace, RequestTrace
 
 logger = logging.getLogger(__name__)
 
@@ -132,6 +135,7 @@ class _Request:
     deadline: float | None
     timer: asyncio.TimerHandle | None = None
     dispatched: bool = False
+    trace: RequestTrace | None = None
 
 
 class DynamicBatcher:
@@ -166,6 +170,9 @@ class DynamicBatcher:
         self._executing = 0  # requests in batches that run now
         self._carry: _Request | None = None  # the request that did not fit the last batch; it opens the next one
         self._batch_tasks: dict[asyncio.Task[None], list[_Request]] = {}  # executing, each holding an instance
+        self._free_instances = list(range(settings.instances - 1, -1, -1))  # instance numbers, lowest last
+        self._task_instances: dict[asyncio.Task[None], int] = {}
+        self._batch_traces: dict[int, BatchTrace] = {}  # id(batch) -> its span, for batches with a sampled request
         self._adaptive = (
             AdaptiveDelay(self._delay_s, settings.max_batch_size) if settings.delay_mode == "adaptive" else None
         )
@@ -249,12 +256,15 @@ class DynamicBatcher:
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
 
-    async def submit(self, inputs: Mapping[str, np.ndarray], *, deadline: float | None = None) -> BatchOutcome:
+    async def submit(
+        self, inputs: Mapping[str, np.ndarray], *, deadline: float | None = None, trace: RequestTrace | None = None
+    ) -> BatchOutcome:
         """Queue one request and wait for its rows of the outputs.
 
         Raises (before queueing) InvalidInputError, DeadlineExpiredError, QueueFullError or ServerUnavailableError;
         later DeadlineExpiredError when `deadline` (an absolute `time.monotonic()` value) passes while it is queued,
         ExecutionError when its batch fails. Cancelling the caller while queued removes the request unexecuted.
+        `trace` (a sampled request's span) makes the batch it executes in traced (`nnserve.server.tracing`).
         """
         arrays, rows, now = self._validate(inputs, deadline)
         lend = off_loop_runner()  # set on a thread of the threaded transport, None on the loop
@@ -263,6 +273,7 @@ class DynamicBatcher:
                 return self._run_now(arrays, rows, now)
             return self._run_lent(lend, arrays, rows, now)
         request = self._enqueue(arrays, rows, now, deadline)
+        request.trace = trace
         try:
             return await request.future
         except asyncio.CancelledError:
@@ -546,12 +557,18 @@ class DynamicBatcher:
             return
         loop = asyncio.get_running_loop()
         now = loop.time()
+        traced: list[RequestTrace] | None = None
         for request in live:
             request.dispatched = True
             self._forget(request)
+            if request.trace is not None:
+                traced = traced or []
+                traced.append(request.trace)
         queue_seconds = tuple(now - request.enqueued_at for request in live)
         rows = sum(request.rows for request in live)
         if self._runs_inline(rows):
+            if traced is not None:
+                self._trace_batch(live, traced, rows, self._free_instances[-1], inline=True)
             try:
                 self._execute_inline(live, queue_seconds, rows)
             finally:
@@ -567,11 +584,34 @@ class DynamicBatcher:
             return
         for request in live:
             request.inputs = {}
+        instance = self._free_instances.pop()
+        if traced is not None:
+            self._trace_batch(live, traced, rows, instance, inline=False)
         work = loop.run_in_executor(self._executor, _timed_run, self._run, merged)
         self._executing += len(live)
         task = loop.create_task(self._execute(live, queue_seconds, now, work))
         self._batch_tasks[task] = live
+        self._task_instances[task] = instance
         task.add_done_callback(self._on_batch_done)
+
+    def _trace_batch(self, batch: list[_Request], traced: list[RequestTrace], rows: int, instance: int, *,
+                     inline: bool) -> None:
+        """Start the span of a batch serving sampled requests (it ends when the batch is settled)."""
+        try:
+            span = traced[0].tracing.start_batch(traced, rows=rows, requests=len(batch), instance=instance,
+                                                 inline=inline)
+        except Exception:  # tracing must never fail a batch
+            logger.debug("starting the span of a batch of %s failed", self._label, exc_info=True)
+            return
+        self._batch_traces[id(batch)] = span
+
+    def _end_batch_trace(self, batch: list[_Request], seconds: float, error: BaseException | None) -> None:
+        span = self._batch_traces.pop(id(batch), None)
+        if span is not None:
+            try:
+                span.end(seconds, error)
+            except Exception:
+                logger.debug("ending the span of a batch of %s failed", self._label, exc_info=True)
 
     def _runs_inline(self, rows: int) -> bool:
         """Whether this batch is cheap enough, by the model's measured compute time, to run on the event loop."""
@@ -608,6 +648,7 @@ class DynamicBatcher:
     def _free_instance(self, task: asyncio.Task[Any] | None) -> None:
         """Give the instance of a batch task back (once): `in_flight_batches` never exceeds `instances`."""
         if task is not None and self._batch_tasks.pop(task, None) is not None:  # type: ignore[arg-type]
+            self._free_instances.append(self._task_instances.pop(task))  # type: ignore[arg-type]
             self._slots.release()
 
     def _execute_inline(self, batch: list[_Request], queue_seconds: tuple[float, ...], rows: int) -> None:
@@ -652,6 +693,8 @@ class DynamicBatcher:
             if not request.future.done():  # a caller cancelled during execution: its rows are dropped
                 request.future.set_result(BatchOutcome(part, waited, compute_seconds, total, len(batch)))
         self._report(BatchStats(total, len(batch), queue_seconds, compute_seconds, succeeded=True))
+        if self._batch_traces:
+            self._end_batch_trace(batch, compute_seconds, None)
 
     def _fail_batch(
         self, batch: list[_Request], queue_seconds: tuple[float, ...], seconds: float, exc: Exception
@@ -664,6 +707,8 @@ class DynamicBatcher:
         for request in batch:
             _settle_error(request.future, ExecutionError(message))
         self._report(BatchStats(total, len(batch), queue_seconds, seconds, succeeded=False))
+        if self._batch_traces:
+            self._end_batch_trace(batch, seconds, exc)
 
     def _on_batch_done(self, task: asyncio.Task[None]) -> None:
         """Give the instance back once the task is gone, so `in_flight_batches` never exceeds `instances`.
@@ -684,6 +729,8 @@ class DynamicBatcher:
             return
         for request in batch:
             _settle_error(request.future, ServerUnavailableError(error))
+        if self._batch_traces:
+            self._end_batch_trace(batch, 0.0, ServerUnavailableError(error))
 
     def _report(self, stats: BatchStats) -> None:
         """Call the metrics hook; a broken hook is logged and never breaks serving."""

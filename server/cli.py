@@ -290,8 +290,14 @@ def run(args: argparse.Namespace) -> int:
         sys.stderr.write(f"nnserve serve: error: {exc}\n")
         return 2
     if settings.workers > 1:
+        from nnserve.server.tracing_config import TracingConfigError, check_tracing
         from nnserve.server.workers import SupervisorError, supervise
 
+        try:
+            check_tracing(os.environ)  # each worker traces on its own; a bad OTEL_* setting stops the start here
+        except TracingConfigError as exc:
+            log.critical("%s", exc)
+            return 1
         try:
             return supervise(settings)
         except SupervisorError as exc:

@@ -18,7 +18,7 @@ import math
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 import numpy as np
 
@@ -43,6 +43,9 @@ from nnserve.server.settings import ServerSettings
 from nnserve.server.statistics import UnroutedRequests, unrouted_labels
 from nnserve.server.tensors import Signature, TensorSpec, check_input_shape, explain_input_names
 from nnserve.server.timing import RequestTiming
+
+if TYPE_CHECKING:
+    from nnserve.server.tracing import RequestTrace, Tracing
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +149,9 @@ class InferenceRequest:
     on_answered: Callable[[Callable[..., object]], object] | None = None
     """When set, how the frontend runs a callback once the response has been sent (gRPC: the call's done
     callbacks); large reservations are then released at that moment rather than when `infer` returns."""
+    trace: RequestTrace | None = None
+    """The request's span when tracing is on and it is sampled (`DataPlane.tracing`); None otherwise, and then
+    nothing on the request path touches OpenTelemetry."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +198,8 @@ class DataPlane:
         """Inference requests accepted since the start (past the drain check); logged at shutdown."""
         self._idle = asyncio.Event()
         self._idle.set()
+        self.tracing: Tracing | None = None
+        """Where frontends start a request's trace; None when tracing is off (the only check they make)."""
 
     # -- lifecycle and readiness ---------------------------------------------------------------------------
 
@@ -315,7 +323,10 @@ class DataPlane:
         if self.draining:
             self.budget.release(held_bytes)
             self.unrouted.record(*self._bounded_labels(request.model, request.version), "unavailable")
-            raise ServerUnavailableError(SHUTTING_DOWN)
+            error = ServerUnavailableError(SHUTTING_DOWN)
+            if request.trace is not None:
+                request.trace.failed("unavailable", error)
+            raise error
         self._inflight += 1
         self.accepted_total += 1
         self._idle.clear()
@@ -328,12 +339,17 @@ class DataPlane:
 
     async def _infer(self, request: InferenceRequest, encoder: ResponseEncoder[R], started: int, held: int) -> R:
         reserved = held  # bytes of the budget this request holds; given back in `finally` unless handed over
+        trace = request.trace
         try:
             try:
                 served = self.repository.get(request.model, request.version)
             except ServingError as exc:
                 self.unrouted.record(*self._bounded_labels(request.model, request.version), failure_reason(exc))
+                if trace is not None:
+                    trace.failed(failure_reason(exc), exc)
                 raise
+            if trace is not None:
+                trace.routed(served)
             stats = served.stats
             signature = served.runner.signature
             expires = request.deadline
@@ -356,7 +372,7 @@ class DataPlane:
                     reserved = need
                 decoded = time.perf_counter_ns()
                 try:
-                    outcome = await served.executor.submit(inputs, deadline=expires)
+                    outcome = await served.executor.submit(inputs, deadline=expires, trace=trace)
                 except QueueFullError as exc:
                     exc.retry_after_ms = retry_after_ms(served)  # type: ignore[attr-defined]
                     raise
@@ -377,15 +393,22 @@ class DataPlane:
                     reserved = 0
             except ServingError as exc:
                 stats.record_failure(failure_reason(exc), time.perf_counter_ns() - started)
+                if trace is not None:
+                    trace.failed(failure_reason(exc), exc)
                 raise
-            except asyncio.CancelledError:
+            except asyncio.CancelledError as exc:
                 # The frontend cancels the handler when the caller goes away or its deadline passes, often before
                 # the batcher's own timer fires.
                 expired = expires is not None and time.monotonic() >= expires
                 stats.record_failure("deadline" if expired else "cancelled", time.perf_counter_ns() - started)
+                if trace is not None:
+                    trace.failed("deadline" if expired else "cancelled",
+                                 DeadlineExpiredError("the deadline passed") if expired else exc)
                 raise
-            except Exception:
+            except Exception as exc:
                 stats.record_failure("internal", time.perf_counter_ns() - started)
+                if trace is not None:
+                    trace.failed("internal", exc)
                 raise
         finally:
             if reserved:
@@ -401,6 +424,8 @@ class DataPlane:
             batch_requests=outcome.batch_requests,
         )
         stats.record_success(rows or 1, timing)
+        if trace is not None:
+            trace.succeeded(rows or 1, timing, outcome, started)
         if request.timing:
             encoder.add_timing(response, timing, served.runner.provider)
         return response

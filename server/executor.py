@@ -14,13 +14,16 @@ import contextlib
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from nnserve.server.batcher import BatchOutcome, BatchStats, DynamicBatcher
 from nnserve.server.batching_settings import BatchingSettings
 from nnserve.server.errors import DeadlineExpiredError, QueueFullError, ServerUnavailableError
+
+if TYPE_CHECKING:
+    from nnserve.server.tracing import RequestTrace
 
 RunFn = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 
@@ -34,7 +37,10 @@ class Executor(Protocol):
     def in_flight_batches(self) -> int: ...
     async def start(self) -> None: ...
     async def stop(self, drain: bool = True, timeout: float | None = None) -> None: ...
-    async def submit(self, inputs: Mapping[str, np.ndarray], *, deadline: float | None = None) -> BatchOutcome: ...
+    async def submit(self, inputs: Mapping[str, np.ndarray], *, deadline: float | None = None,
+                     trace: RequestTrace | None = None) -> BatchOutcome:
+        """Run one request; `trace` is its span when it is sampled (a batcher links its batch's span to it)."""
+        ...
 
 
 class DirectExecutor:
@@ -84,7 +90,9 @@ class DirectExecutor:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
 
-    async def submit(self, inputs: Mapping[str, np.ndarray], *, deadline: float | None = None) -> BatchOutcome:
+    async def submit(self, inputs: Mapping[str, np.ndarray], *, deadline: float | None = None,
+                     trace: RequestTrace | None = None) -> BatchOutcome:
+        # A request run on its own is no batch: a sampled one gets its compute span as a child (`RequestTrace`).
         if not self._accepting:
             raise ServerUnavailableError(f"{self._label} is not serving (not started or shutting down)")
         if self._waiting >= self._max_queue_size:

@@ -73,13 +73,15 @@ workers count: a dead worker's gauges are dropped."""
 
 @dataclass(frozen=True)
 class ServingState:
-    """What the metrics are built from: the repository, failures before routing, the in-flight request count and
-    the in-flight byte budget."""
+    """What the metrics are built from: the repository, failures before routing, the in-flight request count,
+    the in-flight byte budget and, when tracing is on, the spans exported and dropped."""
 
     repository: ModelRepository
     unrouted: UnroutedRequests
     inflight: Callable[[], int]
     budget: InflightBudget | None = None
+    span_counts: Callable[[], tuple[int, dict[str, int]]] | None = None
+    """(spans exported, spans dropped by reason) since the start (`tracing_export.SpanCounts.snapshot`)."""
 
 
 # -- building the families ---------------------------------------------------------------------------------------
@@ -99,7 +101,22 @@ def serving_metrics(state: ServingState, recorders: list[StatisticsRecorder] | N
         families.inflight_bytes.add_metric([], state.budget.used)
         families.inflight_bytes_limit.add_metric([], state.budget.limit)
     families.build.add_metric(["nnserve", __version__], 1.0)
-    return families.all()
+    return families.all() + ([] if state.span_counts is None else span_metrics(*state.span_counts()))
+
+
+def span_metrics(exported: int, dropped: dict[str, int]) -> list[Metric]:
+    """The tracing families (only when tracing is on): what reached the collector, and what never will."""
+    sent = CounterMetricFamily("nnserve_trace_spans_exported", "Spans (requests' and batches', with their stages) "
+                               "the OTLP or console exporter delivered.")
+    sent.add_metric([], exported)
+    lost = CounterMetricFamily(
+        "nnserve_trace_spans_dropped", "Spans that will never reach the collector, by reason: queue_full (the export "
+        "queue, OTEL_BSP_MAX_QUEUE_SIZE, was full: the collector is down, slow or blocking), export_failed (the "
+        "collector refused them or the export timed out), shutdown (still queued when the grace period ended).",
+        labels=["reason"])
+    for reason, count in sorted(dropped.items()):
+        lost.add_metric([reason], count)
+    return [sent, lost]
 
 
 class _Families:

@@ -249,10 +249,12 @@ class RunningServer:
 
 
 @contextmanager
-def running_server(repository: Path, *, health_service: str = "", **overrides: Any) -> Iterator[RunningServer]:
+def running_server(repository: Path, *, health_service: str = "", tracing: Any = None,
+                   **overrides: Any) -> Iterator[RunningServer]:
     """Start the real server (grpc.aio, onnxruntime) on 127.0.0.1:0; wait for health; stop on exit.
 
-    Waits until `health_service` ("" is the whole server) is SERVING.
+    Waits until `health_service` ("" is the whole server) is SERVING. `tracing`: a `nnserve.server.tracing.Tracing`
+    for the server to trace with (off by default).
     """
     settings = ServerSettings(**{"model_repository": repository, "host": "127.0.0.1", "grpc_port": 0,
                                  "http_port": None, "metrics_port": None, **overrides})
@@ -261,7 +263,7 @@ def running_server(repository: Path, *, health_service: str = "", **overrides: A
     thread.start()
 
     async def start() -> tuple[InferenceServer, int]:
-        app, port = await create_server(settings)
+        app, port = await create_server(settings, tracing=tracing)
         await app.start()
         return app, port
 

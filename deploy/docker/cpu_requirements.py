@@ -3,7 +3,8 @@
 On Linux x86_64 the wheel asks for onnxruntime-gpu: about 250 MB of CUDA kernels that a CPU image
 never runs. The CPU image takes the plain `onnxruntime` requirement (with its version range) on
 every platform instead; every other line is the wheel's own metadata, so the image cannot drift
-from pyproject.toml. The CUDA image installs the wheel as it is.
+from pyproject.toml. Of the extras, the image's (`IMAGE_EXTRAS`: tracing) are kept. The CUDA image
+installs the wheel as it is, with the same extras.
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ from __future__ import annotations
 import re
 import sys
 from importlib.metadata import requires
+
+IMAGE_EXTRAS = ("tracing",)
+"""Extras both images carry: OpenTelemetry tracing is off until OTEL_* variables turn it on."""
 
 
 def _name(requirement: str) -> str:
@@ -21,11 +25,15 @@ def _name(requirement: str) -> str:
 
 
 def cpu_requirements(declared: list[str]) -> list[str]:
-    """`declared` (Requires-Dist lines) without extras and with onnxruntime-gpu replaced by onnxruntime."""
+    """`declared` (Requires-Dist lines) without extras but the image's, and with onnxruntime-gpu replaced by
+    onnxruntime."""
     lines: list[str] = []
     for requirement in declared:
         specifier, _, marker = requirement.partition(";")
         if "extra ==" in marker:
+            extra = re.search(r"extra\s*==\s*['\"]([^'\"]+)['\"]", marker)
+            if extra is not None and extra[1] in IMAGE_EXTRAS:
+                lines.append(specifier.strip())
             continue
         name = _name(specifier)
         if name == "onnxruntime-gpu":

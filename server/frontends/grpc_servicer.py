@@ -333,6 +333,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             neutral = inference_request(request, self.dataplane,
                                         None if remaining is None else time.monotonic() + remaining)
             neutral.on_answered = context.add_done_callback  # the budget holds a large response until it is sent
+            tracing = self.dataplane.tracing
+            if tracing is not None:
+                neutral.trace = tracing.start_grpc(context.invocation_metadata(), "ModelInfer", started)
             return await self.dataplane.infer(neutral, _UNARY_ENCODER, started)
         except QueueFullError as exc:
             hint = getattr(exc, "retry_after_ms", MIN_RETRY_AFTER_MS)
@@ -350,11 +353,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Requests of one stream run concurrently (so they can share batches); responses keep request order."""
         pending: asyncio.Queue[asyncio.Future[pb.ModelStreamInferResponse] | None] = asyncio.Queue(_STREAM_WINDOW)
+        # Tracing: every request of the stream is a span of its own, in the trace the stream's metadata carries.
+        metadata = context.invocation_metadata() if self.dataplane.tracing is not None else None
 
         async def read() -> None:
             try:
                 async for request in request_iterator:
-                    await pending.put(asyncio.ensure_future(self._stream_one(request)))
+                    await pending.put(asyncio.ensure_future(self._stream_one(request, metadata)))
             except asyncio.CancelledError:
                 raise  # the writer has gone away; nobody waits for the end marker
             except Exception as exc:
@@ -372,10 +377,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 if left is not None:
                     left.cancel()
 
-    async def _stream_one(self, request: pb.ModelInferRequest | ParsedInferRequest) -> pb.ModelStreamInferResponse:
+    async def _stream_one(self, request: pb.ModelInferRequest | ParsedInferRequest,
+                          metadata: Any = None) -> pb.ModelStreamInferResponse:
         started = time.perf_counter_ns()
         try:
             neutral = inference_request(request, self.dataplane, None)
+            tracing = self.dataplane.tracing
+            if metadata is not None and tracing is not None:
+                neutral.trace = tracing.start_grpc(metadata, "ModelStreamInfer", started)
             response: pb.ModelInferResponse = await self.dataplane.infer(neutral, _ENCODER, started)
             return pb.ModelStreamInferResponse(infer_response=response)
         except QueueFullError as exc:

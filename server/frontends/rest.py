@@ -61,6 +61,7 @@ _INFERENCE_SERVICE: str = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 _INTERNAL_MESSAGE = "internal error in nnserve; the server log has the details"
 _SERVER_METADATA = json_body({"name": SERVER_NAME, "version": __version__, "extensions": list(EXTENSIONS)})
 _SERVER_HEADER = (b"server", f"nnserve/{__version__}".encode())
+_INFER_ROUTE, _VERSION_INFER_ROUTE = "/v2/models/{model}/infer", "/v2/models/{model}/versions/{version}/infer"
 _INT64 = frozenset({pb_descriptor.FieldDescriptor.TYPE_INT64, pb_descriptor.FieldDescriptor.TYPE_UINT64,
                     pb_descriptor.FieldDescriptor.TYPE_SINT64, pb_descriptor.FieldDescriptor.TYPE_FIXED64,
                     pb_descriptor.FieldDescriptor.TYPE_SFIXED64})
@@ -309,6 +310,10 @@ class RestFrontend:
         except InvalidInputError as exc:  # refused after routing: an unknown model is 404, and statistics count it
             neutral, choice = InferenceRequest(model, version, (), invalid=str(exc)), OutputChoice({}, False)
         neutral.wire_bytes = len(request.body)
+        tracing = self.dataplane.tracing
+        if tracing is not None:
+            route = _VERSION_INFER_ROUTE if "version" in request.params else _INFER_ROUTE
+            neutral.trace = tracing.start_http(request.headers, route, started)
         held, request.held = request.held, 0  # from here the data plane releases it
         response = await self.dataplane.infer(neutral, RestEncoder(choice), started, held)
         payload, header_length = response.body()

@@ -30,6 +30,9 @@ from nnserve.server.errors import ExecutionError, InvalidInputError
 
 pytestmark = pytest.mark.timeout(120)
 
+UNTIMED = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+"""Hypothesis' defaults time each example (200 ms) and the data generation: a busy machine fails them, not a bug."""
+
 DTYPES = [np.float32, np.float64, np.float16, np.int8, np.int32, np.int64, np.uint16, np.bool_]
 
 row_counts = st.lists(st.integers(min_value=1, max_value=6), min_size=1, max_size=10)
@@ -57,6 +60,7 @@ def make_requests(specs: dict[str, tuple[Any, tuple[int, ...]]], rows: list[int]
     return requests
 
 
+@UNTIMED
 @given(specs=input_specs, rows=row_counts)
 def test_split_of_merge_returns_exactly_each_requests_rows(
     specs: dict[str, tuple[Any, tuple[int, ...]]], rows: list[int]
@@ -74,6 +78,7 @@ def test_split_of_merge_returns_exactly_each_requests_rows(
             np.testing.assert_array_equal(part[name], array)
 
 
+@UNTIMED
 @given(rows=row_counts)
 def test_row_offsets_start_at_zero_step_by_each_request_and_end_at_the_total(rows: list[int]) -> None:
     offsets = row_offsets(rows)
@@ -82,6 +87,7 @@ def test_row_offsets_start_at_zero_step_by_each_request_and_end_at_the_total(row
     assert [stop - start for start, stop in itertools.pairwise(offsets)] == rows
 
 
+@UNTIMED
 @given(rows=row_counts, delta=st.integers(min_value=-3, max_value=3).filter(bool))
 def test_split_refuses_outputs_whose_rows_differ_from_the_inputs(rows: list[int], delta: int) -> None:
     total = sum(rows)
@@ -90,6 +96,7 @@ def test_split_refuses_outputs_whose_rows_differ_from_the_inputs(rows: list[int]
         split_outputs(outputs, rows)
 
 
+@UNTIMED
 @given(specs=input_specs, rows=st.integers(min_value=1, max_value=5))
 def test_request_rows_is_the_shared_axis_0(specs: dict[str, tuple[Any, tuple[int, ...]]], rows: int) -> None:
     (request,) = make_requests(specs, [rows])
@@ -101,6 +108,7 @@ def test_request_rows_is_the_shared_axis_0(specs: dict[str, tuple[Any, tuple[int
             request_rows(request)
 
 
+@UNTIMED
 @given(first=input_specs, second=input_specs, rows=st.tuples(st.integers(1, 4), st.integers(1, 4)))
 def test_batch_key_is_equal_exactly_when_names_dtypes_and_trailing_shapes_match(
     first: dict[str, tuple[Any, tuple[int, ...]]],
@@ -115,6 +123,7 @@ def test_batch_key_is_equal_exactly_when_names_dtypes_and_trailing_shapes_match(
     assert (batch_key(a) == batch_key(b)) == same_layout
 
 
+@UNTIMED
 @given(
     items=st.lists(st.tuples(st.sampled_from("abc"), st.integers(1, 8)), min_size=1, max_size=30),
     max_rows=st.integers(1, 16),

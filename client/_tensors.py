@@ -102,6 +102,8 @@ def _decode_bytes(raw: bytes) -> np.ndarray:
             raise InferenceError("BYTES output is truncated inside an element length")
         (length,) = _LENGTH.unpack_from(raw, offset)
         offset += _LENGTH.size
+        if offset + length > len(raw):
+            raise InferenceError(f"BYTES output is truncated: an element of {length} bytes, {len(raw) - offset} left")
         items.append(raw[offset : offset + length])
         offset += length
     array = np.empty(len(items), dtype=object)

@@ -173,6 +173,12 @@ OPTIONS: tuple[_Option, ...] = (
             "most elements of one request tensor (and largest single dimension)", "N"),
     _Option("max_inputs_per_request", "--max-inputs-per-request", _count,
             "most inputs (and raw contents entries, and requested outputs) in one request", "N"),
+    _Option("max_bytes_elements", "--max-bytes-elements", _count,
+            "most elements of one BYTES (string) request tensor", "N"),
+    _Option("max_bytes_element_size", "--max-bytes-element-size", _size,
+            "longest element of a BYTES request tensor, as sent", "BYTES"),
+    _Option("max_bytes_tensor_size", "--max-bytes-tensor-size", _size,
+            "most bytes of one BYTES request tensor as sent (elements and their 4-byte lengths)", "BYTES"),
     _Option("max_concurrent_streams", "--max-concurrent-streams", _optional_count,
             "most calls in flight on one client connection (HTTP/2; clients queue the excess); gRPC receives each "
             "message whole before a handler runs, so a connection holds up to this x --max-message-bytes", "N",

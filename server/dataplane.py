@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 import numpy as np
 
+from nnserve.server import bytes_tensors
 from nnserve.server.errors import (
     DeadlineExpiredError,
     ExecutionError,
@@ -494,10 +495,16 @@ def decode_inputs(
         shape = tensor.shape
         count = check_input_shape(spec, shape, signature, limits)
         data = tensor.data
-        array = data.to_array(spec, shape, count)
-        total += array.nbytes
-        if type(data) is not RawData:
-            copied += array.nbytes + count * getattr(data, "held_bytes_per_value", 0)
+        if spec.datatype == "BYTES":
+            array = _strings(data, spec, shape, count, limits)
+            weight = bytes_tensors.held_bytes(array)  # never a view: the decoded strings weigh far more than the wire
+            total += weight
+            copied += weight
+        else:
+            array = data.to_array(spec, shape, count)
+            total += array.nbytes
+            if type(data) is not RawData:
+                copied += array.nbytes + count * getattr(data, "held_bytes_per_value", 0)
         if signature.max_batch_size:
             if rows == -1:
                 rows = shape[0]
@@ -508,6 +515,19 @@ def decode_inputs(
                 )
         arrays[spec.name] = array
     return arrays, max(rows, 0), total, copied
+
+
+def _strings(data: TensorData, spec: TensorSpec, shape: tuple[int, ...], count: int,
+             limits: RequestLimits) -> np.ndarray:
+    """A BYTES input as an object array of `str`: from raw length-prefixed contents, or from the elements of a
+    frontend's typed form (its `bytes_elements()`: the values and where they were found)."""
+    if type(data) is RawData:
+        return bytes_tensors.decode_raw(spec.name, data.data, shape, count, limits)
+    elements = getattr(data, "bytes_elements", None)
+    if elements is None:
+        return data.to_array(spec, shape, count)
+    values, where = elements()
+    return bytes_tensors.decode_elements(spec.name, values, shape, count, limits, where=where)
 
 
 def requested_outputs(names: Sequence[str], signature: Signature, limits: RequestLimits) -> tuple[str, ...]:

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from nnserve.server import bytes_tensors
 from nnserve.server.errors import OverBudgetError, RequestTooLargeError
 
 if TYPE_CHECKING:
@@ -175,7 +176,7 @@ def output_cost(served: ServedVersion) -> OutputCost:
     open_outputs = 0
     for spec in signature.outputs:
         dims = spec.shape[1:] if batched else spec.shape
-        if any(d < 0 for d in dims):
+        if any(d < 0 for d in dims) or spec.datatype == "BYTES":  # strings: their size is only known once made
             open_outputs += 1
             continue
         count = 1
@@ -188,8 +189,10 @@ def output_cost(served: ServedVersion) -> OutputCost:
 
 
 def output_bytes(outputs: Mapping[str, np.ndarray]) -> int:
-    """Bytes of a request's output arrays (views into a batch's outputs count their own rows)."""
-    return sum(array.nbytes for array in outputs.values())
+    """Bytes of a request's output arrays (views into a batch's outputs count their own rows; strings what their
+    Python objects hold)."""
+    return sum(bytes_tensors.held_bytes(array) if array.dtype.kind == "O" else array.nbytes
+               for array in outputs.values())
 
 
 __all__ = [

@@ -43,6 +43,12 @@ class RequestLimits:
     """Most elements of one tensor; also the largest single dimension (a zero elsewhere must not hide a 2**62)."""
     max_rows: int = 1 << 16
     """Most rows (dimension 0) of one request to a batched model, whatever its max_batch_size allows."""
+    max_bytes_elements: int = 1 << 20
+    """Most elements of one BYTES tensor (`nnserve.server.bytes_tensors`)."""
+    max_bytes_element_size: int = 1 << 20
+    """Longest element of a BYTES tensor, in bytes as sent."""
+    max_bytes_tensor_size: int = 1 << 26
+    """Most bytes of one BYTES tensor as sent."""
 
     @classmethod
     def from_settings(cls, settings: ServerSettings) -> RequestLimits:
@@ -51,6 +57,9 @@ class RequestLimits:
             max_dims=settings.max_tensor_dims,
             max_elements=settings.max_tensor_elements,
             max_rows=settings.max_request_rows,
+            max_bytes_elements=settings.max_bytes_elements,
+            max_bytes_element_size=settings.max_bytes_element_size,
+            max_bytes_tensor_size=settings.max_bytes_tensor_size,
         )
 
     def check_counts(self, inputs: int, raw: int, outputs: int) -> None:

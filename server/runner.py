@@ -103,7 +103,9 @@ class ModelRunner:
         """Why a model that could have had CUDA runs on another provider; "" when there is no fallback."""
         self._output_names = list(self.signature.output_names)
         use_binding = options.io_binding if options.io_binding is not None else provider == CUDA
-        self._use_io_binding = use_binding
+        # Strings cannot be bound to preallocated buffers; onnxruntime runs string kernels on the CPU anyway.
+        has_strings = any(t.datatype == "BYTES" for t in (*inputs, *outputs))
+        self._use_io_binding = use_binding and not has_strings
         # onnxruntime prints execution errors to stderr itself, quoting input values; the server logs
         # its own line instead (below), so the native logger stays silent at run time.
         self._run_options = ort.RunOptions()

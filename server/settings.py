@@ -106,6 +106,16 @@ class ServerSettings:
     max_inputs_per_request: int = 64
     """Most inputs (and raw_input_contents entries, and requested outputs) in one request."""
 
+    max_bytes_elements: int = 1 << 20
+    """Most elements of one BYTES (string) request tensor: each becomes a Python `str` of about 50 bytes plus its
+    text, and onnxruntime copies it again, so a million short strings hold about 100 MiB."""
+
+    max_bytes_element_size: int = 1 << 20
+    """Longest element (in bytes, as sent) of a BYTES request tensor."""
+
+    max_bytes_tensor_size: int = 1 << 26
+    """Most bytes of one BYTES request tensor as sent (its elements and their 4-byte lengths)."""
+
     max_concurrent_streams: int | None = None
     """Most calls in flight on one client connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS); clients queue the
     excess (gRPC's overload protection, which reset calls while finished streams were being freed, is off: see
@@ -229,6 +239,9 @@ class ServerSettings:
             ("max_tensor_dims", 1, 1024),
             ("max_tensor_elements", 1, 1 << 50),
             ("max_inputs_per_request", 1, 1 << 16),
+            ("max_bytes_elements", 1, 1 << 40),
+            ("max_bytes_element_size", 0, 1 << 40),
+            ("max_bytes_tensor_size", 0, 1 << 50),
             ("max_concurrent_streams", 1, 2**31 - 1),
             ("max_inflight_bytes", 1024, 1 << 62),
             ("memory_limit_bytes", 1 << 20, 1 << 62),

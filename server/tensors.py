@@ -18,10 +18,11 @@ from nnserve.protos.datatypes import NUMPY_BY_DATATYPE
 from nnserve.server.errors import InvalidInputError
 from nnserve.server.limits import DEFAULT_LIMITS, RequestLimits, clip
 
-# Protocol datatype -> numpy dtype (little-endian, as the protocol's raw contents are); BYTES is not served.
-DATATYPES: dict[str, np.dtype[Any]] = {name: dtype for name, dtype in NUMPY_BY_DATATYPE.items() if name != "BYTES"}
+# Protocol datatype -> numpy dtype (little-endian, as the protocol's raw contents are); BYTES tensors are object
+# arrays of `str` (`nnserve.server.bytes_tensors`).
+DATATYPES: dict[str, np.dtype[Any]] = dict(NUMPY_BY_DATATYPE)
 
-# onnxruntime type strings -> protocol datatypes (BYTES/BF16 are not served).
+# onnxruntime type strings -> protocol datatypes (BF16 has no numpy dtype and is not served).
 ORT_DATATYPES: dict[str, str] = {
     "tensor(bool)": "BOOL",
     "tensor(uint8)": "UINT8",
@@ -35,6 +36,7 @@ ORT_DATATYPES: dict[str, str] = {
     "tensor(float16)": "FP16",
     "tensor(float)": "FP32",
     "tensor(double)": "FP64",
+    "tensor(string)": "BYTES",
 }
 
 # A single tensor may not claim more elements than this (far above any message size limit).

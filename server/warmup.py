@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from nnserve.server import bytes_tensors
 from nnserve.server.errors import ExecutionError, ModelLoadError
 from nnserve.server.runner import ModelRunner
 
@@ -50,7 +51,8 @@ def batch_sizes(max_batch_size: int, preferred: Sequence[int], configured: Seque
 
 
 def zero_inputs(runner: ModelRunner, rows: int, dims: Mapping[str, Sequence[int]]) -> dict[str, np.ndarray] | str:
-    """Zeroed inputs of `rows` rows (0: the fixed shape), or why they cannot be made (a dynamic dimension)."""
+    """Zeroed inputs (empty strings for BYTES) of `rows` rows (0: the fixed shape), or why they cannot be made (a
+    dynamic dimension)."""
     arrays: dict[str, np.ndarray] = {}
     batched = runner.batched
     for spec in runner.signature.inputs:
@@ -62,7 +64,7 @@ def zero_inputs(runner: ModelRunner, rows: int, dims: Mapping[str, Sequence[int]
                         f"config.json warmup.dims (the {len(rest)} dims after the batch one)")
             rest = tuple(given)
         shape = (rows, *rest) if batched else tuple(rest)
-        arrays[spec.name] = np.zeros(shape, dtype=spec.dtype)
+        arrays[spec.name] = bytes_tensors.fill(shape) if spec.datatype == "BYTES" else np.zeros(shape, spec.dtype)
     return arrays
 
 

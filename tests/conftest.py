@@ -166,6 +166,57 @@ def gather_model() -> onnx.ModelProto:
     return finish_model(graph)
 
 
+def string_identity_model(width: int = 2) -> onnx.ModelProto:
+    """BYTES in, BYTES out: text [batch, width] -> Identity -> same [batch, width]."""
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["text"], ["same"])],
+        "strings",
+        [helper.make_tensor_value_info("text", TensorProto.STRING, ["batch", width])],
+        [helper.make_tensor_value_info("same", TensorProto.STRING, ["batch", width])],
+    )
+    return finish_model(graph)
+
+
+LABEL_KEYS = ["cat", "dog", "größe", ""]
+"""The label model's vocabulary: word -> id (its index, -1 for anything else) -> class name (`CLASS_NAMES`)."""
+CLASS_NAMES = ["Katze", "Hund", "ß-Wort", "leer"]
+UNKNOWN_CLASS = "?"
+
+
+def string_label_model() -> onnx.ModelProto:
+    """A mixed model (ai.onnx.ml LabelEncoder): word BYTES [batch] and score FP32 [batch, 2] in; id INT64 [batch]
+    (the word's index in LABEL_KEYS, -1 if absent), name BYTES [batch] (CLASS_NAMES[id], "?" if -1) and
+    scaled FP32 [batch, 2] (2 x score) out."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("LabelEncoder", ["word"], ["id"], domain="ai.onnx.ml", keys_strings=LABEL_KEYS,
+                             values_int64s=list(range(len(LABEL_KEYS))), default_int64=-1),
+            helper.make_node("LabelEncoder", ["id"], ["name"], domain="ai.onnx.ml",
+                             keys_int64s=list(range(len(CLASS_NAMES))), values_strings=CLASS_NAMES,
+                             default_string=UNKNOWN_CLASS),
+            helper.make_node("Mul", ["score", "two"], ["scaled"]),
+        ],
+        "labels",
+        [helper.make_tensor_value_info("word", TensorProto.STRING, ["batch"]),
+         helper.make_tensor_value_info("score", TensorProto.FLOAT, ["batch", 2])],
+        [helper.make_tensor_value_info("id", TensorProto.INT64, ["batch"]),
+         helper.make_tensor_value_info("name", TensorProto.STRING, ["batch"]),
+         helper.make_tensor_value_info("scaled", TensorProto.FLOAT, ["batch", 2])],
+        initializer=[numpy_helper.from_array(np.array([2.0], dtype=np.float32), "two")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("ai.onnx.ml", 4)],
+                              ir_version=10)
+    onnx.checker.check_model(model)
+    return model
+
+
+def label_reference(words: Sequence[str], scores: np.ndarray) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """Independent forward pass of `string_label_model`."""
+    ids = np.array([LABEL_KEYS.index(w) if w in LABEL_KEYS else -1 for w in words], dtype=np.int64)
+    names = [CLASS_NAMES[i] if i >= 0 else UNKNOWN_CLASS for i in ids]
+    return ids, names, scores.astype(np.float32) * 2
+
+
 def write_model(
     repository: Path, name: str, model: onnx.ModelProto | bytes, *, version: int = 1,
     config: Mapping[str, Any] | None = None,
@@ -198,6 +249,7 @@ def standard_repository(root: Path) -> Path:
     write_model(root, "gather", gather_model(), config={"dynamic_batching": {"enabled": False}})
     write_model(root, "fp16", scale_model(np.dtype(np.float16), 2.0))
     write_model(root, "fp64", scale_model(np.dtype(np.float64), -3.0))
+    write_model(root, "strings", string_identity_model(), config={"max_batch_size": 8})
     write_model(root, "unbatched_cfg", scale_model(np.dtype(np.float32), 1.5),
                 config={"max_batch_size": 0, "dynamic_batching": {"enabled": False}})
     write_model(root, "versioned", scale_model(np.dtype(np.float32), 1.0), version=1,

@@ -38,7 +38,8 @@ from hypothesis import strategies as st
 
 from nnserve.protos import grpc_service_pb2 as pb
 from nnserve.protos import grpc_service_pb2_grpc as pb_grpc
-from nnserve.server.limits import MAX_STATUS_MESSAGE_CHARS
+from nnserve.server import bytes_tensors
+from nnserve.server.limits import MAX_STATUS_MESSAGE_CHARS, RequestLimits
 from nnserve.server.tensors import DATATYPES
 from tests.conftest import RunningServer, dense_reference, infer_request, output_arrays
 
@@ -145,8 +146,14 @@ def valid_request(draw: st.DrawFn, models: list[ModelInputs]) -> pb.ModelInferRe
     request = pb.ModelInferRequest(model_name=model.name, id=draw(st.text(max_size=8)))
     for name, datatype, shape in model.inputs:
         full = tuple(rows if d < 0 else d for d in shape)
-        size = int(np.prod(full)) * DATATYPES[datatype].itemsize
         request.inputs.append(Tensor(name=name, datatype=datatype, shape=full))
+        if datatype == "BYTES":  # length-prefixed elements: mostly text, sometimes any bytes (not UTF-8: refused)
+            count = int(np.prod(full))
+            element = st.one_of(st.text(max_size=12).map(str.encode), st.binary(max_size=12))
+            elements = draw(st.lists(element, min_size=count, max_size=count))
+            request.raw_input_contents.append(b"".join(len(e).to_bytes(4, "little") + e for e in elements))
+            continue
+        size = int(np.prod(full)) * DATATYPES[datatype].itemsize
         request.raw_input_contents.append(draw(st.binary(min_size=size, max_size=size)))
     if draw(st.booleans()):
         request.outputs.extend(Output(name=o) for o in draw(st.permutations(model.outputs)))
@@ -253,7 +260,11 @@ def check_response(response: pb.ModelInferResponse) -> None:
     """A successful answer is self-consistent: one raw entry per output, of exactly its shape's size."""
     assert len(response.outputs) == len(response.raw_output_contents)
     for tensor, raw in zip(response.outputs, response.raw_output_contents, strict=True):
-        assert len(raw) == int(np.prod(tuple(tensor.shape))) * DATATYPES[tensor.datatype].itemsize
+        count = int(np.prod(tuple(tensor.shape)))
+        if tensor.datatype == "BYTES":
+            assert bytes_tensors.decode_raw(tensor.name, raw, tuple(tensor.shape), count, RequestLimits()).size == count
+        else:
+            assert len(raw) == count * DATATYPES[tensor.datatype].itemsize
 
 
 def assert_still_serves(stub: pb_grpc.GRPCInferenceServiceStub) -> None:

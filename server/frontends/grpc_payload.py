@@ -24,6 +24,7 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from nnserve.protos import grpc_service_pb2 as pb
+from nnserve.server import bytes_tensors
 
 ZERO_COPY_MIN_BYTES = 64 * 1024
 """Messages (and outputs) below this take protobuf's own path: for them the copies are cheap and its C parser is
@@ -148,6 +149,11 @@ class RawInferResponse:
         """The wire bytes, made once; the arrays are dropped, so only these bytes are left to send."""
         parts: list[bytes | memoryview] = [self.message.SerializeToString()]
         for array in self.arrays:
+            if array.dtype.kind == "O":  # BYTES: length-prefixed UTF-8, made here
+                encoded = bytes_tensors.encode(array)
+                parts.append(_RAW_OUTPUT_TAG + _varint_bytes(len(encoded)))
+                parts.append(encoded)
+                continue
             contiguous = np.ascontiguousarray(array)
             parts.append(_RAW_OUTPUT_TAG + _varint_bytes(contiguous.nbytes))
             parts.append(contiguous.reshape(-1).view(np.uint8).data if contiguous.size else b"")

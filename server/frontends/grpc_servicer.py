@@ -22,6 +22,7 @@ from nnserve import __version__
 from nnserve.protos import grpc_service_pb2 as pb
 from nnserve.protos import grpc_service_pb2_grpc as pb_grpc
 from nnserve.protos import model_config_pb2 as mc
+from nnserve.server import bytes_tensors
 from nnserve.server.dataplane import (
     DataPlane,
     InferenceRequest,
@@ -107,6 +108,11 @@ class TypedContents:
                 )
             array = array.astype(target)
         return array.reshape(shape)
+
+
+    def bytes_elements(self) -> tuple[Any, str]:
+        """A BYTES input's elements (`nnserve.server.bytes_tensors` checks and decodes them)."""
+        return self.contents.bytes_contents, "contents.bytes_contents"
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,7 +206,8 @@ class ProtobufEncoder:
                 pb.ModelInferResponse.InferOutputTensor(name=t.name, datatype=t.datatype, shape=t.array.shape)
                 for t in result.outputs
             ],
-            raw_output_contents=[t.array.tobytes() for t in result.outputs],
+            raw_output_contents=[bytes_tensors.encode(t.array) if t.datatype == "BYTES" else t.array.tobytes()
+                                 for t in result.outputs],
         )
 
     def add_timing(self, response: pb.ModelInferResponse, timing: RequestTiming, provider: str) -> None:

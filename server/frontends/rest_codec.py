@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import numpy as np
 import orjson
 
+from nnserve.server import bytes_tensors
 from nnserve.server.dataplane import (
     InferenceRequest,
     InferenceResult,
@@ -77,6 +78,29 @@ class JsonData:
                     f"input '{spec.name}' has values outside the {spec.datatype} range [{info.min}, {info.max}]"
                 )
         return parsed.astype(target, copy=False).reshape(shape)
+
+
+    def bytes_elements(self) -> tuple[list[Any], str]:
+        """A BYTES input's strings, flattened in row-major order (`nnserve.server.bytes_tensors` checks them)."""
+        return _flatten(self.values), "'data'"
+
+
+def _flatten(values: Any) -> list[Any]:
+    """Nested lists flattened in row-major order without numpy (which would copy strings into a fixed-width
+    array as wide as the longest one); a non-list is one element, for the element check to name."""
+    if not isinstance(values, list):
+        return [values]
+    flat: list[Any] = []
+    stack: list[Any] = [iter(values)]
+    while stack:
+        for item in stack[-1]:
+            if isinstance(item, list):
+                stack.append(iter(item))
+                break
+            flat.append(item)
+        else:
+            stack.pop()
+    return flat
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,9 +264,14 @@ class RestEncoder:
             array = np.ascontiguousarray(tensor.array)
             entry: dict[str, Any] = {"name": tensor.name, "datatype": tensor.datatype, "shape": list(array.shape)}
             if self._choice.is_binary(tensor.name):
-                view = array.data.cast("B") if array.size else memoryview(b"")
+                if tensor.datatype == "BYTES":
+                    view = memoryview(bytes_tensors.encode(array))
+                else:
+                    view = array.data.cast("B") if array.size else memoryview(b"")
                 entry["parameters"] = {BINARY_DATA_SIZE: len(view)}
                 tails.append(view)
+            elif tensor.datatype == "BYTES":
+                entry["data"] = bytes_tensors.as_text_list(array)
             else:
                 entry["data"] = array.reshape(-1)
             outputs.append(entry)

@@ -2,18 +2,23 @@
 
 The manifests are checked the way KServe's admission and runtime selection would read them (required fields, the
 container named kserve-container, protocol versions, one container port, priorities unique per model format among
-KServe's own runtimes that claim onnx). Then the server is started exactly as the runtime's container would be: its
-command and args with KServe's `{{.Name}}` filled in, its environment with the downward-API value resolved, a
-`/mnt/models` folder in each of the three layouts a storageUri leaves there, the ports moved to free ones the
-server reports. It is probed as the kubelet probes it, answers REST and gRPC, and drains on SIGTERM after the
-preStop delay. tests/test_rest_kserve.py checks the REST protocol with the `kserve` package itself.
+KServe's own runtimes that claim onnx), and read by the `kserve` package's generated models for their kinds (in its
+client environment, tests/kserve_probe.py): required fields, types, and no key the schema lacks. Then the server
+is started exactly as the runtime's container would be: its command and args with KServe's `{{.Name}}` filled in,
+its environment with the downward-API value resolved, a `/mnt/models` folder in each of the three layouts a
+storageUri leaves there, the ports moved to free ones the server reports. It is probed as the kubelet probes it,
+answers REST and gRPC, and drains on SIGTERM after the preStop delay. tests/test_rest_kserve.py checks the REST
+protocol with the `kserve` package itself.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import re
 import signal
+import subprocess
 import sys
 import urllib.error
 import urllib.request
@@ -28,6 +33,7 @@ import yaml
 from nnserve.builder import build
 from nnserve.protos import grpc_service_pb2_grpc as pb_grpc
 from nnserve.server.cli import OPTIONS, add_arguments, settings_from
+from tests.client_envs import client_python
 from tests.conftest import EXAMPLES, infer_request, output_arrays, read_port_file, wait_until
 from tests.rest_requests import post_json, v2_input
 
@@ -36,6 +42,8 @@ KSERVE = REPO / "deploy" / "kserve"
 RUNTIMES = {path.name: path for path in sorted(KSERVE.glob("*servingruntime*.yaml"))}
 SERVICES = {path.name: path for path in sorted(KSERVE.glob("inferenceservice-*.yaml"))}
 # What KServe's own runtimes claim for onnx (config/runtimes in KServe's repository): priorities must stay unique.
+KSERVE_PROBE = REPO / "tests" / "kserve_probe.py"
+KSERVE_REQUIREMENTS = REPO / "tests" / "kserve_requirements.txt"
 KSERVE_ONNX_PRIORITIES = {"kserve-tritonserver": 1, "kserve-openvino": 2}
 SOFTMAX_X = np.array([[1.5, -0.5]], dtype=np.float32)
 SOFTMAX_Y = np.array([[0.5374, 0.4626]])  # document 001: 0.538, 0.463
@@ -112,6 +120,56 @@ def test_inference_services_ask_for_v2_and_runtimes_that_exist(name: str) -> Non
         assert model["ports"] == [{"name": "h2c", "containerPort": 9000, "protocol": "TCP"}]
         assert model["readinessProbe"]["grpc"] == {"port": 9000, "service": ""}  # the probe follows the one port
         assert model["livenessProbe"]["grpc"] == {"port": 9000, "service": "liveness"}
+
+
+# -- KServe's own schema: its generated Kubernetes models (the kserve package, in its client environment) -------
+
+GENERATED_MODELS = {"ClusterServingRuntime": "V1alpha1ClusterServingRuntime",
+                    "ServingRuntime": "V1alpha1ServingRuntime", "InferenceService": "V1beta1InferenceService"}
+
+
+@pytest.fixture(scope="module")
+def schema_results() -> dict[str, dict[str, Any]]:
+    """Every manifest read as kserve 0.21's generated model for its kind (tests/kserve_probe.py, one process)."""
+    manifests = {**RUNTIMES, **SERVICES}
+    documents = {name: load(path) for name, path in manifests.items()}
+    ops = [{"op": "manifest", "kind": GENERATED_MODELS[doc["kind"]], "document": doc} for doc in documents.values()]
+    python = client_python("kserve", KSERVE_REQUIREMENTS)
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    proc = subprocess.run([str(python), "-I", str(KSERVE_PROBE)],
+                          input=json.dumps({"base_url": "http://127.0.0.1:9", "ops": ops}),
+                          capture_output=True, text=True, timeout=180, env=env, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results: list[dict[str, Any]] = json.loads(proc.stdout)
+    return dict(zip(documents, results, strict=True))
+
+
+@pytest.mark.parametrize("name", [*RUNTIMES, *SERVICES])
+def test_manifest_reads_as_kserves_generated_model_with_no_unknown_field(
+    schema_results: dict[str, dict[str, Any]], name: str
+) -> None:
+    """A required field missing or of the wrong type fails kserve's model; a misspelt key (which the API server
+    would prune without a word) is a key its schema does not define."""
+    result = schema_results[name]
+    assert result["error"] is None, result["error"]
+    assert result["unknown"] == [], f"keys KServe's schema does not define: {result['unknown']}"
+
+
+def test_the_schema_check_would_catch_a_misspelt_or_missing_field() -> None:
+    """The probe's check is not vacuous: a typo and a missing required field in a copy of the runtime are found."""
+    runtime = load(RUNTIMES["clusterservingruntime.yaml"])
+    runtime["spec"]["containers"][0]["readinesProbe"] = runtime["spec"]["containers"][0].pop("readinessProbe")
+    broken = load(RUNTIMES["clusterservingruntime.yaml"])
+    del broken["spec"]["containers"]
+    ops = [{"op": "manifest", "kind": "V1alpha1ClusterServingRuntime", "document": d} for d in (runtime, broken)]
+    python = client_python("kserve", KSERVE_REQUIREMENTS)
+    proc = subprocess.run([str(python), "-I", str(KSERVE_PROBE)],
+                          input=json.dumps({"base_url": "http://127.0.0.1:9", "ops": ops}),
+                          capture_output=True, text=True, timeout=180, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    typo, missing = json.loads(proc.stdout)
+    assert typo["unknown"] == ["$.spec.containers[0].readinesProbe"]
+    assert "containers" in missing["error"]
 
 
 # -- the container, run as KServe would run it ------------------------------------------------------------------

@@ -23,6 +23,10 @@ from tests.conftest import DENSE_B, DENSE_W, dense_model, dense_reference, held_
 X = np.array([[1.0, 2.0, 3.0]], dtype=np.float32)
 
 
+BROKEN_WAIT_S = 3.0
+"""How long a wait for a model that never becomes ready runs: its first health answer (NOT_SERVING) must arrive
+within it, which on a busy 2-core machine can take far longer than the usual milliseconds."""
+
 def repository(root: Path) -> Path:
     write_model(root, "dense", dense_model(DENSE_W, DENSE_B), config={"max_batch_size": 8})
     return root
@@ -118,7 +122,7 @@ def test_wait_until_ready_for_a_model_on_a_ready_server(tmp_path: Path) -> None:
     with running_server(repo, strict_readiness=False) as server, InferenceClient(server.address) as client:
         client.wait_until_ready(timeout=30, models=["dense"])
         with pytest.raises(ServerNotReadyError) as caught:
-            client.wait_until_ready(timeout=0.5, models=["broken"])
+            client.wait_until_ready(timeout=BROKEN_WAIT_S, models=["broken"])
     assert caught.value.not_ready == {"broken": "NOT_SERVING"}
 
 
@@ -138,7 +142,7 @@ def test_async_client_waits_the_same_way(tmp_path: Path) -> None:
         async with AsyncInferenceClient(address, wait_for_ready=True) as client:
             await client.wait_until_ready(timeout=30, models=["dense"])
             with pytest.raises(ServerNotReadyError) as caught:
-                await client.wait_until_ready(timeout=0.5, models=["broken"])
+                await client.wait_until_ready(timeout=BROKEN_WAIT_S, models=["broken"])
             assert caught.value.not_ready == {"broken": "NOT_SERVING"}
             return await client.infer("dense", X)
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -28,6 +30,7 @@ from nnserve.server.decode_guard import GuardedRegistrar
 from nnserve.server.errors import DeviceUnavailableError, InvalidInputError
 from nnserve.server.frontends.grpc_payload import PayloadCodecs
 from nnserve.server.frontends.grpc_servicer import InferenceServicer
+from nnserve.server.frontends.grpc_threads import ThreadedServer
 from nnserve.server.frontends.rest import RestFrontend
 from nnserve.server.frontends.rest_http import HttpServer, listening_socket, server_ssl_context
 from nnserve.server.health import SERVICE_NAME as HEALTH_SERVICE
@@ -67,7 +70,7 @@ class InferenceServer:
     def __init__(
         self,
         settings: ServerSettings,
-        grpc_server: grpc.aio.Server,
+        grpc_server: grpc.aio.Server | ThreadedServer,
         port: int,
         repository: ModelRepository,
         dataplane: DataPlane,
@@ -249,7 +252,7 @@ async def create_server(settings: ServerSettings, *, tracing: Tracing | None = N
     message, streams = plan.max_message_bytes, plan.max_concurrent_streams
     servicer = InferenceServicer(dataplane)
     health = HealthReporter()
-    grpc_server = grpc.aio.server(
+    grpc_server = _grpc_server_factory(settings)(
         # Token scopes, on every call; no interceptor at all without tokens (each costs every call).
         interceptors=[] if tokens is None else [TokenGate(tokens)],
         options=[
@@ -282,10 +285,12 @@ async def create_server(settings: ServerSettings, *, tracing: Tracing | None = N
     except RuntimeError as exc:
         raise StartupError(f"cannot listen on {settings.grpc_address}: {exc} (is the port in use?)") from None
     log.info(
-        "gRPC transport: %s; token authentication: %s",
+        "gRPC transport: %s; token authentication: %s; calls served by %s",
         "plaintext" if credentials is None
         else "TLS, client certificates required" if settings.tls_client_ca is not None else "TLS",
         "off" if tokens is None else f"on ({len(tokens)} tokens; grpc.health.v1 open to probes)",
+        "grpc.aio on the event loop" if settings.grpc_transport == "aio"
+        else f"grpc's thread pool ({settings.grpc_threads} threads; --grpc-transport threads)",
     )
     http = _http_frontend(settings, dataplane, tokens, message) if settings.http_port is not None else None
     app = InferenceServer(settings, grpc_server, port, repository, dataplane, health, http, plan)
@@ -303,6 +308,13 @@ class MemoryPlan:
     memory: MemoryLimit
     max_message_bytes: int
     max_concurrent_streams: int
+
+
+def _grpc_server_factory(settings: ServerSettings) -> Callable[..., grpc.aio.Server | ThreadedServer]:
+    """`grpc.aio.server`, or the threaded transport's server with the same arguments (`--grpc-transport`)."""
+    if settings.grpc_transport == "threads":
+        return functools.partial(ThreadedServer, threads=settings.grpc_threads)
+    return grpc.aio.server
 
 
 def memory_plan(settings: ServerSettings) -> MemoryPlan:

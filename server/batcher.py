@@ -369,7 +369,7 @@ class DynamicBatcher:
         """Execute a lone request on the caller's thread, the loop free meanwhile (see the module docstring).
 
         The parked collector keeps holding the instance; `_lent` keeps every other request off it (they queue) and
-        makes the collector wait for it (`_instance_returned`) before it dispatches what queued meanwhile.
+        makes the collector wait for it (`_instance_returned`) before it collects what queued meanwhile.
         """
         self._arrival_recorded = False
         waited = asyncio.get_running_loop().time() - arrived
@@ -440,7 +440,6 @@ class DynamicBatcher:
             await self._slots.acquire()
             try:
                 batch = await self._collect()
-                await self._instance_returned()
             except BaseException:
                 self._slots.release()
                 raise
@@ -450,6 +449,9 @@ class DynamicBatcher:
         """Form one batch: what is queued, then what arrives while the delay policy grants a wait."""
         first = await self._take(until=None)
         assert first is not None  # without a bound, _take waits for a request
+        # The instance may be lent to a caller's thread (`_run_lent`): wait for it before collecting, so what queues
+        # meanwhile joins this batch, as requests queued behind a running batch do.
+        await self._instance_returned()
         if not self._settings.enabled:
             return [first]
         builder = BatchBuilder(self._settings.max_batch_size, self._preferred)

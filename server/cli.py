@@ -20,7 +20,7 @@ from typing import Any
 
 from nnserve.server.errors import ServingError
 from nnserve.server.repository_layout import LAYOUT_KINDS
-from nnserve.server.settings import DEVICES, MODEL_CONTROLS, OPTIMIZATION_LEVELS, ServerSettings
+from nnserve.server.settings import DEVICES, GRPC_TRANSPORTS, MODEL_CONTROLS, OPTIMIZATION_LEVELS, ServerSettings
 from nnserve.server.statistics import validate_buckets
 
 log = logging.getLogger(__name__)
@@ -221,6 +221,13 @@ OPTIONS: tuple[_Option, ...] = (
     _Option("batch_delay_mode", "--batch-delay-mode", str,
             "default dynamic_batching.delay_mode: adaptive (wait only when measured to pay, within "
             "max_queue_delay_us) or fixed (Triton's fixed window)", choices=("adaptive", "fixed")),
+    _Option("grpc_transport", "--grpc-transport", str,
+            "how gRPC calls are served: aio (grpc.aio on the event loop: the higher rate under concurrency) or "
+            "threads (grpc's thread-pool server: a lone request never waits for the loop, the lower latency for "
+            "few callers)", choices=GRPC_TRANSPORTS),
+    _Option("grpc_threads", "--grpc-threads", _count,
+            "threads of --grpc-transport threads: the most gRPC calls handled at once (each holds one until "
+            "answered)", "N"),
     _Option("workers", "--workers", _count,
             "server processes sharing the gRPC port (SO_REUSEPORT), each batching on its own; N > 1 runs a "
             "supervisor that forwards SIGTERM and serves the merged metrics", "N"),

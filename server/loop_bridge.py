@@ -127,6 +127,7 @@ class LoopBridge:
         self._lock = threading.Lock()
         self._closed = False
         self._waiting: set[threading.Event] = set()
+        self._continuations: set[asyncio.Task[Any]] = set()
         selector = getattr(loop, "_selector", None)
         if selector is None or not hasattr(selector, "select"):
             raise RuntimeError(f"the event loop {type(loop).__name__} has no selector to park on")
@@ -139,10 +140,13 @@ class LoopBridge:
         return self._loop
 
     def close(self) -> None:
-        """Give the loop its selector back and fail every call still waiting (call on the loop, once)."""
+        """Give the loop its selector back, cancel the continuations still running (their coroutines clean up as a
+        cancelled task's do) and fail every call still waiting (call on the loop, once)."""
         if self._closed:
             return
         self._closed = True
+        for task in list(self._continuations):
+            task.cancel()
         if getattr(self._loop, "_selector", None) is self._selector:
             self._loop._selector = self._selector.inner  # type: ignore[attr-defined]
         for event in list(self._waiting):
@@ -178,6 +182,7 @@ class LoopBridge:
             else:
                 step = _Continue(coro, yielded)
                 task = loop.create_task(_carry_on(step))
+                self._continuations.add(task)
                 done = threading.Event()
                 self._waiting.add(done)
                 task.add_done_callback(lambda finished: self._settle(finished, step, done))
@@ -190,7 +195,7 @@ class LoopBridge:
             on_suspend(Pending(self, task))
         done.wait()
         self._waiting.discard(done)
-        if not task.done():
+        if not task.done() or (self._closed and task.cancelled()):
             raise BridgeClosedError("the server stopped before the call finished")
         return task.result()
 
@@ -205,6 +210,7 @@ class LoopBridge:
     def _settle(self, task: asyncio.Task[Any], step: _Continue, done: threading.Event) -> None:
         """On the loop: the continuation ended. One cancelled before its first step never resumed the coroutine:
         give it the cancellation now, so it cleans up (a queued request leaves the queue) as it would have."""
+        self._continuations.discard(task)
         if task.cancelled() and not step.started:
             first = step._first
             if isinstance(first, asyncio.Future):

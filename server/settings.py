@@ -186,6 +186,18 @@ class ServerSettings:
     """Default `dynamic_batching.delay_mode` for models whose config.json does not say: `adaptive` (wait for more
     rows only while measurements say it pays, within max_queue_delay_us) or `fixed` (Triton's fixed window)."""
 
+    grpc_transport: str = "aio"
+    """How gRPC calls are served. `aio`: grpc.aio on the event loop, every call a task there (the higher request
+    rate under concurrency). `threads`: grpc's synchronous thread-pool server in front of the same services, a call
+    driven from its pool thread through the loop bridge, so a lone request runs from the socket to the response on
+    that thread and the loop only takes what waits (the lower latency for few callers). Both serve the same
+    services with the same guarantees (`frontends/grpc_threads`; README: Performance, for the measurements)."""
+
+    grpc_threads: int = 64
+    """Threads of the `threads` transport's pool: the most gRPC calls inside the server at once (a call holds its
+    thread until it is answered, also while it waits for a batch); beyond it calls wait for a thread, before they
+    reach the batcher. 64 = the default max_batch_size, so 1-row calls can still fill a batch."""
+
     workers: int = 1
     """Server processes sharing the gRPC port (SO_REUSEPORT), each loading every model and batching on its own.
     1 serves from this process; N > 1 makes this process a supervisor of N workers (`nnserve.server.workers`)."""
@@ -230,6 +242,11 @@ class ServerSettings:
             raise ValueError("host must not be empty (use 0.0.0.0 for every interface)")
         self._check_limits_and_security()
         _check_choice("batch_delay_mode", self.batch_delay_mode, ("fixed", "adaptive"))
+        _check_choice("grpc_transport", self.grpc_transport, GRPC_TRANSPORTS)
+        if isinstance(self.grpc_threads, bool) or not isinstance(self.grpc_threads, int) or not (
+            1 <= self.grpc_threads <= 4096
+        ):
+            raise ValueError(f"grpc_threads must be an integer in [1, 4096], got {self.grpc_threads!r}")
         if isinstance(self.workers, bool) or not isinstance(self.workers, int) or not 1 <= self.workers <= 256:
             raise ValueError(f"workers must be an integer in [1, 256], got {self.workers!r}")
 
@@ -274,6 +291,9 @@ class ServerSettings:
         host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
         return f"{host}:{self.grpc_port}"
 
+
+GRPC_TRANSPORTS = ("aio", "threads")
+"""`ServerSettings.grpc_transport`: grpc.aio on the event loop, or grpc's synchronous thread-pool server."""
 
 _DERIVED = frozenset({"max_concurrent_streams", "max_inflight_bytes", "memory_limit_bytes"})
 """Settings whose None means "derived at start from the memory the container may use"."""

@@ -40,6 +40,9 @@ from nnserve.server.loop_bridge import BridgeClosedError, LoopBridge, Pending
 
 Handler = Any  # grpc.RpcMethodHandler
 _END = object()
+_NO_DEADLINE_S = 1e8
+"""grpc's synchronous context reports a call without a deadline as (nearly) infinite time remaining; grpc.aio's
+says None, which is what the servicer expects."""
 _STOPPING = "the server is stopping"
 
 
@@ -83,6 +86,10 @@ class _AioContext:
         self._context = context
         self._bridge = bridge
         self._writes = writes
+
+    def time_remaining(self) -> float | None:
+        remaining = self._context.time_remaining()
+        return None if remaining is None or remaining > _NO_DEADLINE_S else float(remaining)
 
     async def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata: Sequence[Any] = ()) -> None:
         if trailing_metadata:

@@ -194,18 +194,24 @@ def plain_parameters(parameters: Mapping[str, pb.InferParameter]) -> dict[str, P
     return plain
 
 
+def response_header(result: InferenceResult, **fields: Any) -> pb.ModelInferResponse:
+    """The ModelInferResponse of a result: names, version, id and each output's name, datatype and shape."""
+    return pb.ModelInferResponse(
+        model_name=result.model,
+        model_version=result.version,
+        id=result.id,
+        outputs=[pb.ModelInferResponse.InferOutputTensor(name=t.name, datatype=t.datatype, shape=t.array.shape)
+                 for t in result.outputs],
+        **fields,
+    )
+
+
 class ProtobufEncoder:
     """Builds a ModelInferResponse with every output as raw contents."""
 
     def encode(self, result: InferenceResult) -> pb.ModelInferResponse:
-        return pb.ModelInferResponse(
-            model_name=result.model,
-            model_version=result.version,
-            id=result.id,
-            outputs=[
-                pb.ModelInferResponse.InferOutputTensor(name=t.name, datatype=t.datatype, shape=t.array.shape)
-                for t in result.outputs
-            ],
+        return response_header(
+            result,
             raw_output_contents=[bytes_tensors.encode(t.array) if t.datatype == "BYTES" else t.array.tobytes()
                                  for t in result.outputs],
         )
@@ -224,16 +230,7 @@ class UnaryEncoder:
     def encode(self, result: InferenceResult) -> pb.ModelInferResponse | RawInferResponse:
         if sum(t.array.nbytes for t in result.outputs) < ZERO_COPY_MIN_BYTES:
             return _ENCODER.encode(result)
-        header = pb.ModelInferResponse(
-            model_name=result.model,
-            model_version=result.version,
-            id=result.id,
-            outputs=[
-                pb.ModelInferResponse.InferOutputTensor(name=t.name, datatype=t.datatype, shape=t.array.shape)
-                for t in result.outputs
-            ],
-        )
-        return RawInferResponse(header, [t.array for t in result.outputs])
+        return RawInferResponse(response_header(result), [t.array for t in result.outputs])
 
     def add_timing(self, response: pb.ModelInferResponse | RawInferResponse, timing: RequestTiming,
                    provider: str) -> None:

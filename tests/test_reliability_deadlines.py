@@ -5,13 +5,15 @@ tests/test_batcher.py proves the same rules on the batcher alone; here the deadl
 the cancellation as an HTTP/2 RST_STREAM from a real client, through the servicer, into the batcher. What ran is
 read back from ModelStatistics: the rows of every executed batch (batch_stats) and the failure reasons.
 
-Nothing is timed: a request is caught queued because it is sent while one long batch (about a second here, longer
-on a busy machine) holds the only instance, and the waits are on what the server reports (a batch executing, the
-queue's depth), with deadlines of seconds that only a hang reaches.
+Nothing is timed: a request is caught queued because it is sent while full batches hold the only instance (a
+few hundred milliseconds each on an idle 2-core machine; for the deadline test as many as outlast the deadline six
+times over by the server's own measure of one), and the waits are on what the server reports (a batch executing,
+the queue's depth), with deadlines of seconds that only a hang reaches.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import grpc
@@ -82,19 +84,34 @@ def expected_output(server: RunningServer, x: np.ndarray) -> np.ndarray:
     return output_arrays(server.stub().ModelInfer(infer_request("slow", {"input": x}), timeout=30))["output"]
 
 
+def full_batch_seconds(server: RunningServer) -> float:
+    """The mean compute time of the model's full (64-row) batches so far, as the server measured it."""
+    stats = server.stub().ModelStatistics(pb.ModelStatisticsRequest(name="slow"), timeout=10).model_stats[0]
+    (full,) = [b for b in stats.batch_stats if b.batch_size == 64]
+    return full.compute_infer.ns / full.compute_infer.count / 1e9
+
+
 def test_request_whose_deadline_passes_while_queued_is_never_executed(slow_server: RunningServer) -> None:
     stub = slow_server.stub()
+    stub.ModelInfer(infer_request("slow", {"input": BLOCKER}), timeout=120)
+    # Enough full batches queued ahead of it that they outlast its 0.5 s deadline six times over, however fast this
+    # machine runs one (0.4 s on an idle 2-core one, a few ms on a big one): the count comes from the server's own
+    # measure of a full batch, so no speed is assumed.
+    ahead = max(2, min(200, math.ceil(3.0 / full_batch_seconds(slow_server))))
     before = executed_rows(slow_server)
     reasons_before = failures(slow_server)
-    blocker = stub.ModelInfer.future(infer_request("slow", {"input": BLOCKER}), timeout=120)
+    blockers = [stub.ModelInfer.future(infer_request("slow", {"input": BLOCKER}), timeout=600)]
     wait_executing(slow_server)
-    # 0.5 s: it reaches the queue in milliseconds, and the batch ahead runs for a second or more.
+    blockers += [stub.ModelInfer.future(infer_request("slow", {"input": BLOCKER}), timeout=600)
+                 for _ in range(ahead - 1)]
+    wait_queued(slow_server, ahead - 1, "the full batches to be queued")
     with pytest.raises(grpc.RpcError) as expired:
         stub.ModelInfer(infer_request("slow", {"input": BLOCKER[:3]}), timeout=0.5)
     assert expired.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    blocker.result()
+    for blocker in blockers:
+        blocker.result()
     last = run_last(slow_server)
-    assert executed_rows(slow_server) - before == 64 + last  # the blocker's rows: the 3 expired rows never ran
+    assert executed_rows(slow_server) - before == 64 * ahead + last  # the 3 expired rows never ran
     reasons = failures(slow_server)
     gone = sum(reasons.get(reason, 0) - reasons_before.get(reason, 0) for reason in ("deadline", "cancelled"))
     assert gone == 1, reasons  # the server had it, and counted it expired (or cancelled by gRPC at its deadline)
@@ -119,7 +136,7 @@ def test_request_cancelled_while_queued_is_never_executed(slow_server: RunningSe
 
 def test_caller_leaving_during_execution_loses_only_its_own_result(slow_server: RunningServer) -> None:
     stub = slow_server.stub()
-    x = BLOCKER[:32] * 0.5
+    x = BLOCKER[:63] * 0.5  # with the leaver's row a full batch: the longest there is, to cancel within
     wanted = expected_output(slow_server, x)
     before = executed_rows(slow_server)
     blocker = stub.ModelInfer.future(infer_request("slow", {"input": BLOCKER}), timeout=120)
@@ -128,12 +145,12 @@ def test_caller_leaving_during_execution_loses_only_its_own_result(slow_server: 
     leaver = stub.ModelInfer.future(infer_request("slow", {"input": BLOCKER[:1]}), timeout=120)
     wait_queued(slow_server, 2, "both requests to be queued")
     blocker.result()
-    # The two queued requests now share the next batch (half a second or more of compute), which is executing.
+    # The two queued requests now share the next batch, which is executing.
     wait_queued(slow_server, 0, "the next batch to be dispatched")
     wait_executing(slow_server)
     assert leaver.cancel()
     np.testing.assert_allclose(output_arrays(keeper.result())["output"], wanted, atol=1e-5)
-    assert executed_rows(slow_server) - before == 64 + 33  # the leaver's row ran (onnxruntime cannot be stopped)
+    assert executed_rows(slow_server) - before == 64 + 64  # the leaver's row ran (onnxruntime cannot be stopped)
     with pytest.raises(grpc.FutureCancelledError):
         leaver.result()
 

@@ -116,7 +116,7 @@ def test_wait_until_ready_names_everything_that_was_not_ready(tmp_path: Path) ->
     write_model(repo, "broken", b"not an onnx model")
     with running_server(repo, health_service="liveness") as server, InferenceClient(server.address) as client, \
             pytest.raises(ServerNotReadyError) as caught:
-        client.wait_until_ready(timeout=1.0, models=["dense", "broken", "nope"])
+        client.wait_until_ready(timeout=BROKEN_WAIT_S, models=["dense", "broken", "nope"])
     error = caught.value
     assert error.not_ready == {"": "NOT_SERVING", "broken": "NOT_SERVING", "nope": "SERVICE_UNKNOWN"}
     assert "the server: NOT_SERVING" in error.message

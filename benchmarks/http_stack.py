@@ -35,7 +35,6 @@ import math
 import os
 import platform
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -53,6 +52,7 @@ WORK = CACHE / "http-stack"
 sys.path.insert(0, str(HERE))
 
 import peers  # noqa: E402
+from common import stop_process_group  # noqa: E402
 
 PACKAGES = ("aiohttp==3.14.5", "uvicorn==0.54.0", "httptools==0.9.0", "starlette==1.10.0", "orjson==3.13.0",
             "ujson==6.1.0", "numpy==2.4.6", "grpcio==1.85.3")
@@ -166,17 +166,7 @@ def wait_ready(candidate: Candidate, timeout: float = 60.0) -> None:
 
 def stop(candidate: Candidate) -> None:
     """SIGTERM the server's process group, SIGKILL what outlives 10 s."""
-    process = candidate.process
-    if process is None or process.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=10)
+    stop_process_group(candidate.process, grace_s=10)
 
 
 def http_call(port: int, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None,

@@ -35,7 +35,6 @@ import json
 import os
 import shlex
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -51,6 +50,8 @@ WORK = CACHE / "latency"
 sys.path.insert(0, str(HERE))
 
 import perf_analyzer  # noqa: E402
+from common import CHECKOUT_BOOTSTRAP as _BOOTSTRAP  # noqa: E402
+from common import stop_process_group  # noqa: E402
 
 SEED = "layer_4x3"
 MLP = "mlp"
@@ -59,26 +60,6 @@ LEVELS = (1, 8, 64)
 REFERENCE = "sync-reference"
 MAIN = "nnserve-main"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-_BOOTSTRAP = """
-import importlib.util, runpy, sys
-from pathlib import Path
-root = Path(sys.argv.pop(1))
-folders = {"nnserve": "cli", "nnserve.builder": "builder", "nnserve.server": "server", "nnserve.client": "client",
-           "nnserve.protos": "protos"}
-class Checkout:
-    @staticmethod
-    def find_spec(name, path=None, target=None):
-        if name not in folders:
-            return None
-        folder = root / folders[name]
-        return importlib.util.spec_from_file_location(name, folder / "__init__.py",
-                                                      submodule_search_locations=[str(folder)])
-sys.meta_path.insert(0, Checkout)
-sys.argv[0] = "nnserve"
-runpy.run_module("nnserve", run_name="__main__")
-"""
-"""`python -c _BOOTSTRAP DIR ARGS...` runs `nnserve ARGS...` from the source folders of checkout DIR."""
 
 WRK_SCRIPT = """\
 wrk.method = "POST"
@@ -155,7 +136,7 @@ def choose_servers(repo: Path, args: argparse.Namespace) -> list[Server]:
     if not args.no_threads and has_threads_transport():
         chosen.append(Server("nnserve-threads", ["--grpc-transport", "threads"]))
     if args.baseline is not None:
-        chosen.append(Server(MAIN, [], http=True))
+        chosen.append(Server(MAIN, [], http=args.rest_main))
     for variant in args.variant:
         name, _, flags = variant.partition("=")
         chosen.append(Server(name, shlex.split(flags)))
@@ -210,17 +191,7 @@ def wait_ready(server: Server, timeout: float = 120.0, models: tuple[str, ...] =
 
 
 def stop(server: Server) -> None:
-    process = server.process
-    if process is None or process.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=10)
+    stop_process_group(server.process)
 
 
 # -- measuring ----------------------------------------------------------------------------------------------------
@@ -286,7 +257,7 @@ def measure(server: Server, point: Point, args: argparse.Namespace, pa_binary: P
 def plan(servers: list[Server], args: argparse.Namespace, have_pa: bool, have_wrk: bool) -> list[Point]:
     clients = ["raw"] + (["perf_analyzer"] if have_pa else [])
     points = [Point(model, client, c) for model in (SEED, MLP) for client in clients for c in LEVELS]
-    if have_wrk and any(s.http for s in servers):
+    if have_wrk and any(s.http for s in servers):  # REST: this checkout's server (and main's with --rest-main)
         points += [Point(model, "wrk", c) for model in (SEED, MLP) for c in LEVELS]
     return points
 
@@ -315,8 +286,9 @@ def run_rounds(live: list[Server], points: list[Point], args: argparse.Namespace
         good = [run for run in runs if "error" not in run and run.get("requests_per_s")]
         record: dict[str, Any] = {"server": name, "model": point.model, "client": point.client,
                                   "concurrency": point.concurrency, "runs": len(runs),
-                                  "p50_ms_each": [run.get("p50_ms") for run in good],
-                                  "requests_per_s_each": [run.get("requests_per_s") for run in good]}
+                                  "p50_ms_each": [run.get("p50_ms") if run in good else None for run in runs],
+                                  "requests_per_s_each": [run.get("requests_per_s") if run in good else None
+                                                          for run in runs]}
         if not good:
             record["error"] = next((run["error"] for run in runs if "error" in run), "no successful request")
         for key in ("requests_per_s", "p50_ms", "p99_ms", "server_us_per_request"):
@@ -336,8 +308,16 @@ def find(records: list[dict[str, Any]], server: str, point: Point) -> dict[str, 
                 None)
 
 
+def paired_ratio(ours: dict[str, Any], theirs: dict[str, Any], key: str) -> float | None:
+    """The median over the rounds of ours / theirs measured in the same round (seconds apart): on a shared machine
+    the load drifts between rounds far more than between two servers of one round."""
+    ratios = [a / b for a, b in zip(ours[f"{key}_each"], theirs[f"{key}_each"], strict=False) if a and b]
+    return statistics.median(ratios) if ratios else None
+
+
 def targets(records: list[dict[str, Any]], names: list[str]) -> list[dict[str, Any]]:
-    """p50 at c=1 against the reference (<= 1.2x) and requests/s at c=8 and c=64 against main's (>= 0.95x)."""
+    """p50 at c=1 against the reference (<= 1.2x) and requests/s at c=8 and c=64 against main's (>= 0.95x), each
+    the median of the rounds' paired ratios."""
     out = []
     candidates = [n for n in names if n not in (REFERENCE, MAIN)]
     for name in candidates:
@@ -345,16 +325,16 @@ def targets(records: list[dict[str, Any]], names: list[str]) -> list[dict[str, A
             for client in ("raw", "perf_analyzer"):
                 ours = find(records, name, Point(model, client, 1))
                 ref = find(records, REFERENCE, Point(model, client, 1))
-                if ours and ref:
-                    ratio = ours["p50_ms"] / ref["p50_ms"]
+                ratio = paired_ratio(ours, ref, "p50_ms") if ours and ref else None
+                if ours and ref and ratio is not None:
                     out.append({"server": name, "target": f"p50 c=1 vs {REFERENCE}", "model": model,
                                 "client": client, "value": ratio, "goal": 1.2, "met": ratio <= 1.2,
                                 "detail": f"{ours['p50_ms']:.3f} vs {ref['p50_ms']:.3f} ms"})
                 for level in (8, 64):
                     ours = find(records, name, Point(model, client, level))
                     main = find(records, MAIN, Point(model, client, level))
-                    if ours and main:
-                        ratio = ours["requests_per_s"] / main["requests_per_s"]
+                    ratio = paired_ratio(ours, main, "requests_per_s") if ours and main else None
+                    if ours and main and ratio is not None:
                         out.append({"server": name, "target": f"req/s c={level} vs {MAIN}", "model": model,
                                     "client": client, "value": ratio, "goal": 0.95, "met": ratio >= 0.95,
                                     "detail": f"{ours['requests_per_s']:,.0f} vs {main['requests_per_s']:,.0f}"})
@@ -374,7 +354,7 @@ def table(result: dict[str, Any]) -> str:
             r = find(result["results"], name, point)
             cells.append(f"{r['p50_ms']:.3f} {r['requests_per_s']:>6,.0f}".rjust(width) if r else "-".rjust(width))
         lines.append(f"{point.model:10} {point.client:14} {point.concurrency:>3}  " + "  ".join(cells))
-    lines.append("(each cell: p50 ms, requests/s; medians over the rounds)")
+    lines.append("(each cell: p50 ms, requests/s, medians over the rounds; targets: medians of paired ratios)")
     cpu = [r for r in result["results"] if r.get("server_us_per_request") is not None]
     if cpu:
         lines.append("")
@@ -417,6 +397,7 @@ def main() -> int:
     parser.add_argument("--variant", action="append", default=[], metavar='NAME="FLAGS"',
                         help="this checkout's server with extra `nnserve serve` flags (repeatable)")
     parser.add_argument("--no-threads", action="store_true", help="leave out nnserve-threads")
+    parser.add_argument("--rest-main", action="store_true", help=f"measure {MAIN}'s REST frontend too")
     parser.add_argument("--reference-threads", type=int, default=16, help="the reference's thread pool size")
     parser.add_argument("--clients", default="raw,perf_analyzer,wrk", help="comma-separated subset")
     parser.add_argument("--models", default=f"{SEED},{MLP}", help="comma-separated subset")

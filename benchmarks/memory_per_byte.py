@@ -41,29 +41,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import CHECKOUT_BOOTSTRAP as _BOOTSTRAP  # noqa: E402
 from benchmarks.common import infer_request_bytes  # noqa: E402
 
 METHOD = "/inference.GRPCInferenceService/ModelInfer"
 MODEL = "wide_relu"
 MB = 1_000_000
-_BOOTSTRAP = """
-import importlib.util, runpy, sys
-from pathlib import Path
-root = Path(sys.argv.pop(1))
-folders = {"nnserve": "cli", "nnserve.builder": "builder", "nnserve.server": "server", "nnserve.client": "client",
-           "nnserve.protos": "protos"}
-class Checkout:
-    @staticmethod
-    def find_spec(name, path=None, target=None):
-        if name not in folders:
-            return None
-        folder = root / folders[name]
-        return importlib.util.spec_from_file_location(name, folder / "__init__.py",
-                                                      submodule_search_locations=[str(folder)])
-sys.meta_path.insert(0, Checkout)
-sys.argv[0] = "nnserve"
-runpy.run_module("nnserve", run_name="__main__")
-"""
 
 
 def build_repository(root: Path) -> Path:

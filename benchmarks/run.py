@@ -30,7 +30,6 @@ import contextlib
 import json
 import os
 import platform
-import signal
 import statistics
 import subprocess
 import sys
@@ -47,7 +46,7 @@ sys.path.insert(0, str(HERE))
 
 import peers  # noqa: E402
 import perf_analyzer  # noqa: E402
-from common import free_port  # noqa: E402
+from common import free_port, save_results, stop_process_group  # noqa: E402
 
 SEED = "layer_4x3"
 BIG = "big"
@@ -219,17 +218,7 @@ def wait_ready(server: Server, timeout: float = 180.0) -> None:
 
 def stop(server: Server) -> None:
     """SIGTERM the server's process group (it and the workers or peers it started), SIGKILL what outlives 30 s."""
-    process = server.process
-    if process is None or process.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=10)
+    stop_process_group(server.process)
 
 
 @contextlib.contextmanager
@@ -487,9 +476,7 @@ def main() -> int:
         result["results"] = run_rounds(live, args, pa_binary)
     result["targets"] = targets(result["results"], result["ceilings"])
     result["skipped"] = skipped
-    out = args.out or HERE / "results" / time.strftime("%Y%m%d-%H%M%S.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    out = save_results(result, args.out, HERE / "results" / time.strftime("%Y%m%d-%H%M%S.json"))
     print(table(result))
     print(f"\nresults: {out}")
     return 0

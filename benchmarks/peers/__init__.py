@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from collections.abc import Mapping
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -22,6 +23,8 @@ MLSERVER_PACKAGES = ("mlserver==1.7.1", "uvloop==0.21.0", "onnxruntime", "numpy"
 PYTRITON_PACKAGES = ("nvidia-pytriton==0.7.0", "onnxruntime", "numpy")
 UVLOOP_PACKAGE = "uvloop==0.23.0"
 """For the echo server's uvloop flavour only; installed into a folder of its own, put on that process's path."""
+PY_SPY_PACKAGE = "py-spy==0.4.3"
+"""The sampling profiler behind `rest.py`'s per-request CPU breakdown; a static binary in its wheel."""
 
 _RLOCK_FIX = textwrap.dedent('''\
     # PyTriton's Python-backend stub embeds a CPython 3.11 older than this interpreter's standard library: its C RLock
@@ -65,21 +68,35 @@ def _venv(name: str, packages: tuple[str, ...], install: bool) -> tuple[Path | N
     return python, ""
 
 
-def setup_uvloop(install: bool) -> tuple[Path | None, str]:
-    """A folder holding uvloop (for PYTHONPATH), so the benchmark's interpreter can run the uvloop echo flavour."""
-    target = HERE.parent / ".cache" / "uvloop"
+def _target_folder(name: str, package: str, install: bool) -> tuple[Path | None, str]:
+    """`.cache/<name>`, holding `package` installed with `pip --target` (created when allowed), or (None, why)."""
+    target = HERE.parent / ".cache" / name
     marker = target / ".installed"
-    if marker.exists() and marker.read_text() == UVLOOP_PACKAGE:
+    if marker.exists() and marker.read_text() == package:
         return target, ""
     if not install:
         return None, f"not installed (run without --no-install to create {target})"
     shutil.rmtree(target, ignore_errors=True)
-    why = _install_step([sys.executable, "-m", "pip", "install", "--quiet", "--target", str(target), UVLOOP_PACKAGE],
-                        f"pip install {UVLOOP_PACKAGE}")
+    why = _install_step([sys.executable, "-m", "pip", "install", "--quiet", "--target", str(target), package],
+                        f"pip install {package}")
     if why:
         return None, why
-    marker.write_text(UVLOOP_PACKAGE)
+    marker.write_text(package)
     return target, ""
+
+
+def setup_uvloop(install: bool) -> tuple[Path | None, str]:
+    """A folder holding uvloop (for PYTHONPATH), so the benchmark's interpreter can run the uvloop echo flavour."""
+    return _target_folder("uvloop", UVLOOP_PACKAGE, install)
+
+
+def setup_py_spy(install: bool) -> tuple[Path | None, str]:
+    """The `py-spy` sampling profiler's binary (from its PyPI wheel), for `rest.py`'s CPU breakdown."""
+    target, why = _target_folder("py-spy", PY_SPY_PACKAGE, install)
+    if target is None:
+        return None, why
+    binary = target / "bin" / "py-spy"
+    return (binary, "") if binary.exists() else (None, f"no bin/py-spy in {target}")
 
 
 def setup_mlserver(install: bool) -> tuple[Path | None, str]:
@@ -98,29 +115,37 @@ def setup_pytriton(install: bool) -> tuple[Path | None, str]:
 
 
 def mlserver_command(
-    python: Path, workdir: Path, model: str, onnx_path: Path, ports: tuple[int, int, int], *, adaptive_batching: bool
+    python: Path, workdir: Path, model: str, onnx_path: Path, ports: tuple[int, int, int], *, adaptive_batching: bool,
+    more_models: Mapping[str, Path] | None = None,
 ) -> list[str]:
-    """Write MLServer's settings and model folder under `workdir`; the command that starts it.
+    """Write MLServer's settings and model folders under `workdir`; the command that starts it.
 
     `parallel_workers` 0 runs inference in the server process (no inter-process hop: its fastest setting for a model
-    this small); adaptive batching (max 64 rows, 500 us) is MLServer's own dynamic batching.
+    this small); adaptive batching (max 64 rows, 500 us) is MLServer's own dynamic batching. `more_models` (name ->
+    ONNX file) are served by the same server beside `model`.
     """
     grpc_port, http_port, metrics_port = ports
     shutil.rmtree(workdir, ignore_errors=True)
-    model_dir = workdir / model
-    model_dir.mkdir(parents=True)
-    shutil.copy(HERE / "mlserver_runtime.py", model_dir / "mlserver_runtime.py")
-    settings = {"name": model, "implementation": "mlserver_runtime.OnnxModel", "parameters": {"uri": str(onnx_path)}}
-    if adaptive_batching:
-        settings |= {"max_batch_size": 64, "max_batch_time": 0.0005}
-    (model_dir / "model-settings.json").write_text(json.dumps(settings))
+    for name, path in {model: onnx_path, **(more_models or {})}.items():
+        model_dir = workdir / name
+        model_dir.mkdir(parents=True)
+        shutil.copy(HERE / "mlserver_runtime.py", model_dir / "mlserver_runtime.py")
+        settings = {"name": name, "implementation": "mlserver_runtime.OnnxModel", "parameters": {"uri": str(path)}}
+        if adaptive_batching:
+            settings |= {"max_batch_size": 64, "max_batch_time": 0.0005}
+        (model_dir / "model-settings.json").write_text(json.dumps(settings))
     server = {"grpc_port": grpc_port, "http_port": http_port, "metrics_port": metrics_port, "parallel_workers": 0,
               "host": "127.0.0.1"}
     (workdir / "settings.json").write_text(json.dumps(server))
     return [str(python.parent / "mlserver"), "start", str(workdir)]
 
 
-def pytriton_command(python: Path, model: str, onnx_path: Path, ports: tuple[int, int, int]) -> list[str]:
+def pytriton_command(
+    python: Path, model: str, onnx_path: Path, ports: tuple[int, int, int], *,
+    more_models: Mapping[str, Path] | None = None,
+) -> list[str]:
+    """The command that starts PyTriton serving `model` (and `more_models`, name -> ONNX file) on these ports."""
     grpc_port, http_port, metrics_port = ports
+    extra = [f"{name}={path}" for name, path in (more_models or {}).items()]
     return [str(python), str(HERE / "pytriton_server.py"), str(onnx_path), model, str(grpc_port), str(http_port),
-            str(metrics_port)]
+            str(metrics_port), *extra]

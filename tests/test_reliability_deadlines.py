@@ -104,7 +104,10 @@ def test_request_whose_deadline_passes_while_queued_is_never_executed(slow_serve
     wait_executing(slow_server)
     blockers += [stub.ModelInfer.future(infer_request("slow", {"input": BLOCKER}), timeout=600)
                  for _ in range(ahead - 1)]
-    wait_queued(slow_server, ahead - 1, "the full batches to be queued")
+    # Every blocker has reached the server (queued, executing or answered) before the request that must expire.
+    batcher = executor(slow_server)
+    wait_until(lambda: batcher.queue_depth + batcher.in_flight_batches + sum(b.done() for b in blockers)  # type: ignore[attr-defined]
+               >= ahead, 30, "the full batches to reach the server")
     with pytest.raises(grpc.RpcError) as expired:
         stub.ModelInfer(infer_request("slow", {"input": BLOCKER[:3]}), timeout=0.5)
     assert expired.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED

@@ -274,3 +274,29 @@ def test_tracing_off_makes_no_opentelemetry_call_on_the_request_path(repository:
         assert plain.app.dataplane.tracing is None
         assert _opentelemetry_calls(plain, header) == []
     assert _opentelemetry_calls(traced.server, header) != []
+
+
+@pytest.fixture(scope="module")
+def traced_threads(repository: Path) -> Iterator[Traced]:
+    """The same tracing on the threaded gRPC transport (`--grpc-transport threads`)."""
+    exporter = InMemorySpanExporter()
+    tracing = Tracing(TracingConfig(exporters=("otlp",)), exporter=exporter)
+    with running_server(repository, tracing=tracing, grpc_transport="threads") as server:
+        yield Traced(server, tracing, exporter)
+
+
+@pytest.mark.parametrize(("model", "trace_id"), [("dense", 0x7E01), ("alone", 0x7E02)])
+def test_the_threaded_grpc_transport_traces_requests_the_same_way(traced_threads: Traced, model: str,
+                                                                   trace_id: int) -> None:
+    """A lone request on the threaded transport runs from its pool thread (no hop to the loop): its span still
+    joins the caller's trace with the four stages, as on grpc.aio."""
+    traced_threads.spans()
+    traced_threads.exporter.clear()
+    parent_id = 0x7F
+    grpc_infer(traced_threads.server, model, traceparent(trace_id, parent_id))
+    span = check_request_tree(traced_threads.spans(), trace_id, parent_id)
+    assert span.name == "inference.GRPCInferenceService/ModelInfer"
+    attributes = dict(span.attributes or {})
+    assert attributes["rpc.grpc.status_code"] == grpc.StatusCode.OK.value[0]
+    assert attributes["nnserve.model.name"] == model
+    assert attributes["nnserve.outcome"] == "success"

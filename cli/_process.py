@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import sys
 from collections.abc import MutableMapping
 from typing import NoReturn
@@ -26,6 +27,9 @@ GRPC_TRACE_ENV = "GRPC_TRACE"
 GRPC_VERBOSITIES: tuple[str, ...] = ("DEBUG", "INFO", "ERROR", "NONE")
 DEFAULT_GRPC_VERBOSITY = "ERROR"
 """gRPC core's errors still show; its INFO lines (failed handshakes of misconfigured clients, GOAWAYs) do not."""
+
+STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
+"""What stops a server gracefully (drain, then exit); the workers of `--workers N` start with them blocked."""
 
 
 def configure_grpc_logging(level: str | None, environ: MutableMapping[str, str] | None = None) -> None:

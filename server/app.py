@@ -23,6 +23,7 @@ import grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from nnserve import __version__
+from nnserve._process import STOP_SIGNALS
 from nnserve.protos import grpc_service_pb2 as pb
 from nnserve.protos import grpc_service_pb2_grpc as pb_grpc
 from nnserve.server.dataplane import DataPlane
@@ -362,8 +363,10 @@ async def serve(settings: ServerSettings) -> int:
         raise
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, _on_signal, sig, stop)
+    # A worker of --workers starts with them blocked (workers.py); one that came while it started is handled now.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     starting = asyncio.ensure_future(app.start())
     stopping = asyncio.ensure_future(stop.wait())
     await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)

@@ -19,7 +19,9 @@ Lifecycle. The supervisor reserves the port (a bound, non-listening SO_REUSEPORT
 port held by an ordinary listener fails at once), starts the workers (multiprocessing "spawn": fresh interpreters,
 no forked gRPC or onnxruntime state), and waits. SIGTERM or SIGINT is forwarded to every worker, each drains as a
 single server does (health NOT_SERVING, finish accepted work within the grace period), and the supervisor exits when
-all have, killing any that outlive the grace period by 10 s.
+all have, killing any that outlive the grace period by 10 s. Workers start with SIGTERM and SIGINT blocked and
+unblock them once their server's handlers are installed, so a stop that reaches a worker still starting (a pod
+terminated during start-up) is drained by it like any other, never its default action killing it.
 
 A worker that exits on its own (crash, OOM kill, failed start) is not restarted: the supervisor logs its exit status,
 stops the others the same graceful way and exits with status 1, so that the orchestrator (Kubernetes, systemd)
@@ -51,10 +53,11 @@ import signal
 import socket
 import tempfile
 import time
+from multiprocessing import resource_tracker
 from multiprocessing.process import BaseProcess
 from typing import Protocol
 
-from nnserve._process import end_process
+from nnserve._process import STOP_SIGNALS, end_process
 from nnserve.server import cpu_quota
 from nnserve.server.memory_limit import container_memory
 from nnserve.server.port_report import log_ports, port_report, remove_port_file, write_port_file
@@ -99,7 +102,7 @@ def supervise(settings: ServerSettings) -> int:
     wake_w.setblocking(False)
     stop_requested: list[int] = []
     previous = {sig: signal.signal(sig, lambda signum, _frame: stop_requested.append(signum))
-                for sig in (signal.SIGTERM, signal.SIGINT)}
+                for sig in STOP_SIGNALS}
     previous_wakeup = signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
     workers: list[BaseProcess] = []
     metrics_server: _Stoppable | None = None
@@ -117,12 +120,22 @@ def supervise(settings: ServerSettings) -> int:
         os.environ[MULTIPROC_ENV] = metrics_dir  # inherited by the spawned workers
         context = multiprocessing.get_context("spawn")
         level = logging.getLogger().getEffectiveLevel()
-        for index in range(count):
-            worker = context.Process(
-                target=_worker_main, args=(worker_settings, index, level, os.getpid()), name=f"nnserve-worker-{index}"
-            )
-            worker.start()
-            workers.append(worker)
+        # Workers start with SIGTERM and SIGINT blocked (a signal mask survives fork and exec) and unblock them once
+        # their server's handlers are in place (app.serve): a stop forwarded while a worker is still starting is
+        # then drained by it, not its default action killing it. Here they are only held until the workers exist.
+        # multiprocessing's resource tracker is started first: starting it unblocks both signals in this thread.
+        resource_tracker.ensure_running()
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            for index in range(count):
+                worker = context.Process(
+                    target=_worker_main, args=(worker_settings, index, level, os.getpid()),
+                    name=f"nnserve-worker-{index}",
+                )
+                worker.start()
+                workers.append(worker)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
         log.info(
             "supervisor (pid %d): %d workers on %s:%d (pids %s), %d onnxruntime intra-op threads each",
             os.getpid(), count, settings.host, port, ", ".join(str(w.pid) for w in workers), threads,
@@ -215,8 +228,6 @@ def _serve_metrics(settings: ServerSettings, directory: str) -> tuple[_Stoppable
 
 def _stop_resource_tracker() -> None:
     """Reap multiprocessing's resource tracker (spawn starts one) instead of leaving it to notice our exit."""
-    from multiprocessing import resource_tracker
-
     tracker = getattr(resource_tracker, "_resource_tracker", None)
     stop = getattr(tracker, "_stop", None)
     if stop is not None:

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from nnserve.client import InferenceClient
-from tests.conftest import DENSE_B, DENSE_W, dense_model, dense_reference, serve_process, write_model
+from tests.conftest import DENSE_B, DENSE_W, dense_model, dense_reference, serve_process, wait_until, write_model
+from tests.test_workers import worker_pids
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -33,6 +34,9 @@ def test_clients_in_one_process_and_one_client_with_several_connections_reach_bo
     write_model(repo, "dense", dense_model(DENSE_W, DENSE_B), config={"max_batch_size": 8})
     write_model(repo, "spread", dense_model(DENSE_W, DENSE_B), config={"max_batch_size": 8})
     with serve_process(repo, tmp_path / "serve.log", "--device", "cpu", "--workers", "2") as server:
+        # The health check answers from the first worker up; the kernel spreads connections only over the listening
+        # ones, so the clients connect once both have said they serve.
+        wait_until(lambda: len(worker_pids(server.log(), "ready: serving")) == 2, 60, "both workers' ready line")
         clients = [InferenceClient(server.address, timeout=30) for _ in range(CLIENTS)]
         try:
             errors: list[BaseException] = []

@@ -170,8 +170,13 @@ def test_async_call_started_before_its_server_waits_with_wait_for_ready(tmp_path
         async def call() -> object:
             pending = asyncio.ensure_future(client.infer("dense", {"input": X}))
             channel = client._connect()[0][0]
-            while channel.get_state(try_to_connect=True) is not grpc.ChannelConnectivity.TRANSIENT_FAILURE:
-                await channel.wait_for_state_change(channel.get_state())
+            # Wait for a change from the state last read, never from a second read: a refused connection moves
+            # CONNECTING -> TRANSIENT_FAILURE at once, and waiting on a fresh read of TRANSIENT_FAILURE would wait
+            # out a reconnect backoff (1 s, then 1.6x more each time) that a busy machine can repeat past 30 s.
+            state = channel.get_state(try_to_connect=True)
+            while state is not grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+                await channel.wait_for_state_change(state)
+                state = channel.get_state(try_to_connect=True)
             started.set()
             try:
                 return await pending

@@ -39,6 +39,7 @@ from tests.conftest import (
 )
 from tests.pki import Pki, make_pki, serve_tls
 from tests.rest_requests import call, get, post_json, v2_input
+from tests.test_workers import worker_pids
 
 WIDTH = 512
 BLOCKER = np.random.default_rng(2).standard_normal((64, WIDTH)).astype(np.float32)
@@ -250,6 +251,8 @@ def test_workers_serve_http_on_the_shared_port(tmp_path: Path) -> None:
     repo = repository(tmp_path / "repo")
     with serve_process(repo, tmp_path / "serve.log", "--http-port", "0", "--workers", "2",
                        "--device", "cpu") as server:
+        # Both workers listening first: the health check answers from the first one up.
+        wait_until(lambda: len(worker_pids(server.log(), "ready: serving")) == 2, 60, "both workers' ready line")
         port = server.http_port or 0
         seen = []
         for _ in range(16):  # a connection each; stats read on the same connection tell its worker

@@ -349,20 +349,7 @@ class DynamicBatcher:
         """Execute a lone request inline, in the caller's step (see `_runs_at_once`)."""
         self._arrival_recorded = False
         waited = asyncio.get_running_loop().time() - arrived
-        started = time.perf_counter()
-        try:
-            outputs = self._run(arrays)
-            compute_seconds = time.perf_counter() - started
-            part = own_outputs(outputs, rows)
-        except Exception as exc:
-            message = f"{self._label} failed to run a batch of {rows} rows (1 request): {_first_line(exc)}"
-            # DEBUG: the message can quote request values; the runner logs a data-free ERROR line itself.
-            logger.debug("%s", message, exc_info=exc)
-            self._report(BatchStats(rows, 1, (waited,), time.perf_counter() - started, succeeded=False))
-            raise ExecutionError(message) from None
-        self._learn(rows, compute_seconds, compute_seconds)
-        self._report(BatchStats(rows, 1, (waited,), compute_seconds, succeeded=True))
-        return BatchOutcome(part, waited, compute_seconds, rows, 1)
+        return self._run_alone(rows, waited, self._run, arrays)
 
     def _run_lent(self, run_unlocked: Callable[..., Any], arrays: dict[str, np.ndarray], rows: int,
                   arrived: float) -> BatchOutcome:
@@ -375,22 +362,29 @@ class DynamicBatcher:
         waited = asyncio.get_running_loop().time() - arrived
         self._lent = True
         self._executing += 1
-        started = time.perf_counter()
         try:
-            outputs = run_unlocked(self._run, arrays)  # the loop runs while the model does
-            compute_seconds = time.perf_counter() - started
-            part = own_outputs(outputs, rows)
-        except Exception as exc:
-            message = f"{self._label} failed to run a batch of {rows} rows (1 request): {_first_line(exc)}"
-            logger.debug("%s", message, exc_info=exc)
-            self._report(BatchStats(rows, 1, (waited,), time.perf_counter() - started, succeeded=False))
-            raise ExecutionError(message) from None
+            return self._run_alone(rows, waited, run_unlocked, self._run, arrays)  # the loop runs meanwhile
         finally:
             self._executing -= 1
             self._lent = False
             returned = self._returned
             if returned is not None and not returned.done():
                 returned.set_result(None)
+
+    def _run_alone(self, rows: int, waited: float, call: Callable[..., dict[str, np.ndarray]],
+                   *args: Any) -> BatchOutcome:
+        """One request as its own batch, `call(*args)` giving the model's outputs: timed, learnt from, reported."""
+        started = time.perf_counter()
+        try:
+            outputs = call(*args)
+            compute_seconds = time.perf_counter() - started
+            part = own_outputs(outputs, rows)
+        except Exception as exc:
+            message = f"{self._label} failed to run a batch of {rows} rows (1 request): {_first_line(exc)}"
+            # DEBUG: the message can quote request values; the runner logs a data-free ERROR line itself.
+            logger.debug("%s", message, exc_info=exc)
+            self._report(BatchStats(rows, 1, (waited,), time.perf_counter() - started, succeeded=False))
+            raise ExecutionError(message) from None
         self._learn(rows, compute_seconds, compute_seconds)
         self._report(BatchStats(rows, 1, (waited,), compute_seconds, succeeded=True))
         return BatchOutcome(part, waited, compute_seconds, rows, 1)
